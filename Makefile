@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what it needs:
+# a virtual environment with pinned dependencies, and mosquitto (apt-get) when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: help deps mosquitto test test-all demo bench lint clean
+
+help:
+	@echo "make demo   run the simulated packing line, broker, WMS/ERP stand-ins and the agent"
+	@echo "make test   run the test suite (unit, integration, end to end)"
+	@echo "make bench  run the benchmarks and write bench/results.md"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "edge-agent needs Python 3.11 or newer"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+deps: $(STAMP) mosquitto
+
+# mosquitto is the broker the tests and the demo use; install it when it is missing.
+mosquitto:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+		echo "mosquitto not found: installing it with apt-get"; \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+		$$SUDO apt-get install -y mosquitto >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y mosquitto >/dev/null 2>&1; } || \
+		echo "could not install mosquitto: the demo falls back to its embedded broker; tests need mosquitto"; \
+	fi
+
+test: deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The soak tests too (long).
+test-all: deps
+	$(BIN)/python -m pytest -q -m '' -p no:cacheprovider
+
+demo: deps
+	$(BIN)/edge-agent demo
+
+bench: deps
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,302 @@
+"""Wiring: builds every component from the config and runs them in one asyncio process.
+
+Starts downstream first (outbox, sinks, dispatchers, rules) and the connectors last; stops
+upstream first: connectors stop reading, the last batch is committed and acknowledged,
+dispatchers get a bounded drain period, then sinks and the outbox close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from .config import HttpSinkConfig, MqttConnection, MqttSinkConfig, SiteConfig
+from .connectors.mqtt import MqttConnector
+from .outbox.committer import Committer
+from .outbox.dispatcher import Dispatcher
+from .outbox.store import Store
+from .profiles import Profile
+from .rules.correlate import Correlate
+from .rules.engine import Engine
+from .runtime.clock import Clock, SystemClock
+from .runtime.supervisor import Health, supervise
+from .sinks.base import Sink
+from .sinks.http import HttpSink
+from .sinks.mqtt import MqttSink
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_SECS = 30.0
+
+
+class Agent:
+    def __init__(
+        self,
+        site: SiteConfig,
+        profiles: dict[str, Profile],
+        *,
+        base_dir: Path,
+        clock: Clock | None = None,
+        status_file: Path | None = None,
+        drain_secs: float = 5.0,
+    ):
+        self.site = site
+        self.profiles = profiles
+        self.base_dir = base_dir
+        self.clock = clock or SystemClock()
+        self.status_file = status_file
+        self.drain_secs = drain_secs
+        ob = site.outbox
+        self.db_path = ob.path if ob.path.is_absolute() else base_dir / ob.path
+        self.store: Store | None = None
+        self.committer: Committer | None = None
+        self.engine: Engine | None = None
+        self.sinks: dict[str, Sink] = {}
+        self.dispatchers: list[Dispatcher] = []
+        self.connectors: list[MqttConnector] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.started_at = time.time()
+        self.ingest_paused = False
+        self._stop = asyncio.Event()
+
+    # --- building --------------------------------------------------------------------------
+
+    def _routes(self) -> dict[str, list[str]]:
+        types: set[str] = set()
+        for r in self.site.rules:
+            types |= {r.emit.type, *(t.emit.type for t in r.terminate_on)}
+            if r.on_timeout:
+                types.add(r.on_timeout.type)
+        return {
+            t: [n for n, s in self.site.sinks.items() if s.event_types is None or t in s.event_types]
+            for t in sorted(types)
+        }
+
+    def _build(self) -> None:
+        site = self.site
+        self.store = Store(self.db_path)
+        ob = site.outbox
+        self.committer = Committer(
+            self.store, self._routes(), interval_ms=ob.commit_interval_ms, max_items=ob.commit_max_items
+        )
+        rules = [Correlate(r, site=site.site) for r in site.rules]
+        self.engine = Engine(
+            rules, self.committer, self.clock, site=site.site, dedup_retention_secs=ob.dedup_retention_secs
+        )
+        self.engine.restore(
+            self.store.load_rule_state(), self.store.load_inputs(self.clock.now() - ob.dedup_retention_secs)
+        )
+        for name, cfg in site.sinks.items():
+            if isinstance(cfg, HttpSinkConfig):
+                sink: Sink = HttpSink(name, cfg, base_dir=self.base_dir)
+            else:
+                assert isinstance(cfg, MqttSinkConfig)
+                sink = MqttSink(
+                    name, cfg, site.brokers[cfg.broker], site=site.site,
+                    client_id=f"{self._client_id(cfg.broker)}-sink-{name}",
+                )
+            self.sinks[name] = sink
+            r = cfg.retry
+            self.dispatchers.append(
+                Dispatcher(
+                    sink,
+                    self.committer,
+                    initial_backoff_secs=r.initial_backoff_ms / 1000,
+                    max_backoff_secs=r.max_backoff_ms / 1000,
+                    max_retry_after_secs=r.max_retry_after_secs,
+                )
+            )
+        by_broker: dict[str, dict[str, Any]] = {}
+        for dev_id, dev in site.devices.items():
+            if isinstance(dev.connection, MqttConnection):
+                by_broker.setdefault(dev.connection.broker, {})[dev_id] = dev
+        for broker, devices in sorted(by_broker.items()):
+            self.connectors.append(
+                MqttConnector(
+                    f"mqtt:{broker}", site.brokers[broker], devices, self.profiles, self.clock,
+                    client_id=f"{self._client_id(broker)}-in",
+                )
+            )
+
+    def _client_id(self, broker: str) -> str:
+        return self.site.brokers[broker].client_id or f"edge-agent-{self.site.site}"
+
+    # --- running ---------------------------------------------------------------------------
+
+    def _task(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        t = asyncio.ensure_future(coro)
+        t.set_name(name)
+        self.tasks.append(t)
+        return t
+
+    async def run(self) -> None:
+        """Run until ``stop()``; then shut down in order. Raises if a component crashed."""
+        self._build()
+        assert self.committer and self.engine and self.store
+        commit_task = asyncio.create_task(self.committer.run(), name="committer")
+        for sink in self.sinks.values():
+            await sink.start()
+            if isinstance(sink, MqttSink):
+                self._task(supervise(f"sink {sink.name}", sink.run, sink.health), f"link-{sink.name}")
+        dispatch_tasks = [asyncio.create_task(d.run(), name=f"dispatch-{d.name}") for d in self.dispatchers]
+        self._task(self.engine.run_ticks(), "ticks")
+        self._task(self._maintenance(), "maintenance")
+        if self.status_file:
+            self._task(self._write_status_loop(), "status")
+        conn_tasks = [
+            asyncio.create_task(
+                supervise(c.name, lambda c=c: c.run(self.engine), c.health), name=c.name
+            )
+            for c in self.connectors
+        ]
+        log.info(
+            "agent %s running: %d devices, %d rules, sinks %s, outbox %s",
+            self.site.site, len(self.site.devices), len(self.site.rules),
+            ", ".join(self.sinks), self.db_path,
+        )
+        watched = [commit_task, *dispatch_tasks, *conn_tasks, *self.tasks]
+        stop_wait = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stop_wait, *watched], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stop_wait and not t.cancelled() and t.exception()]
+        stop_wait.cancel()
+        await self._shutdown(commit_task, dispatch_tasks, conn_tasks)
+        if crashed:
+            raise crashed[0].exception()  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(
+        self, commit_task: asyncio.Task[Any], dispatch_tasks: list[asyncio.Task[Any]],
+        conn_tasks: list[asyncio.Task[Any]],
+    ) -> None:
+        assert self.committer and self.store
+        log.info("stopping: connectors first")
+        for c in self.connectors:
+            if c.link is not None:
+                c.link.pause_reading()
+        # Commit and acknowledge what was read, while the links are still up.
+        if not commit_task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.committer.flush(), 10)
+        for c in self.connectors:
+            await c.stop()
+        await _cancel(conn_tasks)
+        # Bounded drain: give the dispatchers a moment to deliver what is pending.
+        deadline = time.monotonic() + self.drain_secs
+        while time.monotonic() < deadline and any(d.state == "sending" or d.held for d in self.dispatchers):
+            await asyncio.sleep(0.05)
+        for d in self.dispatchers:
+            d.stop()
+        await asyncio.wait(dispatch_tasks, timeout=5)
+        await _cancel(dispatch_tasks)
+        self.committer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(commit_task, 10)
+        await _cancel([commit_task])
+        if self.status_file:
+            self._write_status()
+        await _cancel(self.tasks)
+        for sink in self.sinks.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sink.close(), 5)
+        self.committer.shutdown_executor()
+        self.store.close()
+        log.info("stopped")
+
+    async def _maintenance(self) -> None:
+        assert self.committer and self.store
+        ob = self.site.outbox
+        quota = ob.max_disk_mb * 1024 * 1024
+        while True:
+            await asyncio.sleep(MAINTENANCE_SECS)
+            now = self.clock.now()
+            await self.committer.run_db(
+                lambda: self.store.prune(  # type: ignore[union-attr]
+                    inputs_before=now - ob.dedup_retention_secs,
+                    delivered_before=now - ob.delivered_retention_secs,
+                )
+            )
+            size = self.store.size_bytes()
+            over = size > quota
+            if over != self.ingest_paused:
+                self.ingest_paused = over
+                for c in self.connectors:
+                    if c.link is not None:
+                        (c.link.pause_reading if over else c.link.resume_reading)()
+                if over:
+                    log.error(
+                        "outbox %s is over its quota (%d MB > %d MB): ingest paused; devices' "
+                        "messages wait on the broker until sinks catch up",
+                        self.db_path, size // 2**20, ob.max_disk_mb,
+                    )
+                else:
+                    log.warning("outbox back under quota: ingest resumed")
+
+    # --- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.engine and self.committer
+        return {
+            "site": self.site.site,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "started_at": self.started_at,
+            "ingest_paused": self.ingest_paused,
+            "connectors": {
+                c.name: {**_health(c.health), "received": c.received} for c in self.connectors
+            },
+            "engine": {
+                **self.engine.counters,
+                "bad_payloads": {f"{d}:{r}": n for (d, r), n in self.engine.bad.items()},
+                "open_keys": {r.name: r.open_keys() for r in self.engine.rules},
+                "recent": self.engine.recent[-20:],
+            },
+            "outbox": {
+                "commits": self.committer.commits,
+                "committed_events": self.committer.committed_events,
+                "last_commit_ms": round(self.committer.last_commit_ms, 3),
+            },
+            "sinks": {
+                d.name: {
+                    "state": d.state,
+                    "delivered": d.delivered,
+                    "dead": d.dead,
+                    "failures": d.failures,
+                    "last_error": d.last_error,
+                    "cursor": d.cursor,
+                    **({"link": _health(s.health)} if isinstance(s := d.sink, MqttSink) else {}),
+                }
+                for d in self.dispatchers
+            },
+        }
+
+    def _write_status(self) -> None:
+        assert self.status_file
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        os.replace(tmp, self.status_file)
+
+    async def _write_status_loop(self) -> None:
+        while True:
+            self._write_status()
+            await asyncio.sleep(0.5)
+
+
+def _health(h: Health) -> dict[str, Any]:
+    return {"state": h.state, "since": h.since, "last_error": h.last_error, "restarts": h.restarts}
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t

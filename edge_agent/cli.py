@@ -1,0 +1,212 @@
+"""The ``edge-agent`` command line: run, validate, outbox, status, profiles, schema, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ConfigError, StoreError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _load(config: str) -> tuple[Any, dict[str, Any]]:
+    from .config import load_site
+
+    try:
+        return load_site(config)
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(str(p), err=True)
+        click.echo(f"{len(exc.problems)} problem(s) found", err=True)
+        sys.exit(2)
+
+
+@click.group()
+@click.version_option(__version__)
+def main() -> None:
+    """edge-agent: warehouse machine signals in, durable business events out."""
+
+
+@main.command()
+@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Site file.")
+@click.option("--status-file", type=click.Path(dir_okay=False), help="Write live status JSON here.")
+@click.option("--log-level", default=None, help="Override the config's log level.")
+def run(config: str, status_file: str | None, log_level: str | None) -> None:
+    """Run the agent (the service). SIGTERM drains and exits cleanly."""
+    from .agent import Agent
+
+    site, profiles = _load(config)
+    _setup_logging(log_level or site.log.level)
+    agent = Agent(
+        site, profiles, base_dir=Path(config).resolve().parent,
+        status_file=Path(status_file) if status_file else None,
+    )
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    try:
+        asyncio.run(go())
+    except StoreError as exc:
+        logging.getLogger("edge_agent").error("%s", exc)
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def validate(config: str) -> None:
+    """Check a site file and its profiles without connecting; every error as file:line."""
+    site, profiles = _load(config)
+    click.echo(
+        f"{config}: ok ({len(site.devices)} devices, {len(profiles)} profiles, "
+        f"{len(site.rules)} rules, {len(site.sinks)} sinks)"
+    )
+
+
+def _store(config: str):
+    from .outbox.store import Store
+
+    site, _ = _load(config)
+    base = Path(config).resolve().parent
+    path = site.outbox.path if site.outbox.path.is_absolute() else base / site.outbox.path
+    if not path.exists():
+        click.echo(f"no outbox at {path} yet", err=True)
+        sys.exit(1)
+    return Store(path)
+
+
+@main.group()
+def outbox() -> None:
+    """Inspect and repair the durable outbox."""
+
+
+@outbox.command("stats")
+@click.option("-c", "--config", "config", required=True)
+def outbox_stats(config: str) -> None:
+    """Events, deliveries per sink and state, quarantined payloads."""
+    click.echo(json.dumps(_store(config).stats(), indent=2))
+
+
+@outbox.command("list")
+@click.option("-c", "--config", "config", required=True)
+@click.option("--sink", default=None)
+@click.option("--state", type=click.Choice(["pending", "delivered", "dead"]), default=None)
+@click.option("--limit", default=50, show_default=True)
+def outbox_list(config: str, sink: str | None, state: str | None, limit: int) -> None:
+    """Latest deliveries, newest first."""
+    from .outbox.store import STATE_NAMES
+
+    st = {v: k for k, v in STATE_NAMES.items()}.get(state) if state else None
+    for row in _store(config).list_events(sink=sink, state=st, limit=limit):
+        click.echo(json.dumps(row))
+
+
+@outbox.command("dead")
+@click.option("-c", "--config", "config", required=True)
+@click.option("--sink", default=None)
+@click.option("--limit", default=50, show_default=True)
+def outbox_dead(config: str, sink: str | None, limit: int) -> None:
+    """Dead-lettered deliveries with the receiver's response."""
+    for row in _store(config).list_events(sink=sink, state=2, limit=limit):
+        click.echo(json.dumps(row))
+
+
+@outbox.command("retry")
+@click.option("-c", "--config", "config", required=True)
+@click.option("--sink", default=None, help="Only this sink's dead letters.")
+@click.option("--id", "ids", multiple=True, help="Only these event ids (repeatable).")
+def outbox_retry(config: str, sink: str | None, ids: tuple[str, ...]) -> None:
+    """Send dead-lettered events again (the running agent picks them up within seconds)."""
+    n = _store(config).retry_dead(sink=sink, ids=ids)
+    click.echo(f"{n} deliveries put back to pending")
+
+
+@outbox.command("quarantine")
+@click.option("-c", "--config", "config", required=True)
+@click.option("--limit", default=50, show_default=True)
+def outbox_quarantine(config: str, limit: int) -> None:
+    """Malformed device payloads that were set aside."""
+    for row in _store(config).quarantined(limit):
+        click.echo(json.dumps(row))
+
+
+@main.command()
+@click.option("--status-file", required=True, type=click.Path(dir_okay=False))
+def status(status_file: str) -> None:
+    """Print the running agent's status (from its --status-file)."""
+    p = Path(status_file)
+    if not p.exists():
+        click.echo("no status file: is the agent running with --status-file?", err=True)
+        sys.exit(1)
+    data = json.loads(p.read_text())
+    age = time.time() - data["time"]
+    if age > 5:
+        click.echo(f"warning: status is {age:.0f}s old (agent stopped?)", err=True)
+    click.echo(json.dumps(data, indent=2))
+
+
+@main.command()
+@click.option("--dir", "directory", default="device_profiles", show_default=True)
+def profiles(directory: str) -> None:
+    """List the device profiles in a directory and check each one."""
+    from .profiles import load_profiles
+
+    found, problems = load_profiles(Path(directory))
+    for name, p in sorted(found.items()):
+        click.echo(f"{name}: {p.vendor} {p.model} v{p.version} ({p.protocol}; events: {', '.join(p.events)})")
+    for pr in problems:
+        click.echo(str(pr), err=True)
+    if problems:
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["events", "site", "profile"]), default="events")
+def schema(what: str) -> None:
+    """Print JSON Schemas: business event data, the site file, or the profile file."""
+    from .config import SiteConfig
+    from .events import EVENT_SCHEMAS
+    from .profiles import Profile
+
+    if what == "events":
+        click.echo(json.dumps(EVENT_SCHEMAS, indent=2))
+    elif what == "site":
+        click.echo(json.dumps(SiteConfig.model_json_schema(), indent=2))
+    else:
+        click.echo(json.dumps(Profile.model_json_schema(), indent=2))
+
+
+@main.command()
+@click.option("--rate", default=200.0, show_default=True, help="Cartons per second.")
+@click.option("--seconds", default=0.0, help="Stop after this long (0 = until Ctrl-C).")
+@click.option("--workdir", default=".demo", show_default=True)
+def demo(rate: float, seconds: float, workdir: str) -> None:
+    """Run everything on this machine: broker, simulated line, stand-in WMS/ERP, agent, live view."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(rate=rate, seconds=seconds, workdir=Path(workdir)))
+
+
+if __name__ == "__main__":
+    main()

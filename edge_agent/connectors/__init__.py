@@ -1,0 +1,1 @@
+"""Connectors: speak one protocol each and turn device messages into DeviceEvents."""

@@ -1,0 +1,128 @@
+"""MQTT connector: subscribes to the topics the device profiles name, decodes JSON payloads.
+
+One connector per broker, one persistent session (stable client id, clean start off, long
+session expiry), QoS 1 with *manual* acknowledgement: a message is acked only after its
+effects are in a durable group commit, so the broker redelivers whatever the agent had not
+committed when it crashed. Malformed payloads are handed to ``ingest.bad_payload`` (set
+aside, then acked), never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+
+from ..config import BrokerConfig, DeviceConfig, MqttConnection
+from ..errors import PayloadError
+from ..events import DeviceEvent
+from ..mqttlink import MqttLink
+from ..profiles import Decoded, Profile, compile_json_decoder
+from ..rules.engine import Ingest
+from ..runtime.clock import Clock
+from ..runtime.supervisor import Health
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Route:
+    device: str
+    event: str
+    decode: Callable[[bytes], Decoded]
+
+
+class MqttConnector:
+    def __init__(
+        self,
+        name: str,
+        broker: BrokerConfig,
+        devices: dict[str, DeviceConfig],
+        profiles: dict[str, Profile],
+        clock: Clock,
+        *,
+        client_id: str,
+    ):
+        self.name = name
+        self.broker = broker
+        self.clock = clock
+        self.client_id = client_id
+        self.routes: dict[str, _Route] = {}
+        self.qos: dict[str, int] = {}
+        for dev_id, dev in devices.items():
+            conn = dev.connection
+            assert isinstance(conn, MqttConnection)
+            for ev_name, spec in profiles[dev.profile].events.items():
+                topic = f"{conn.topic_base}/{spec.topic}" if spec.topic else conn.topic_base
+                self.routes[topic] = _Route(dev_id, ev_name, compile_json_decoder(spec))
+                self.qos[topic] = conn.qos
+        self.link: MqttLink | None = None
+        self.ingest: Ingest | None = None
+        self.received = 0
+        self.health = Health()
+        self.stopping = False
+
+    async def run(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+        link = MqttLink(
+            self.broker, self.client_id, persistent=True, on_message=self._on_message, manual_ack=True
+        )
+        self.link = link
+        try:
+            await link.connect()
+            if not link.session_present:
+                log.info("MQTT %s: new session on %s:%s", self.name, self.broker.host, self.broker.port)
+            await link.subscribe(sorted(self.qos.items()))
+            if self.health.restarts:
+                log.info("MQTT %s: back online, subscribed to %d topics", self.name, len(self.qos))
+            self.health.set("online")
+            await link.wait_closed()
+        finally:
+            await link.close()
+            if self.link is link:
+                self.link = None
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.link is not None:
+            await self.link.close()
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        self.received += 1
+        ingest = self.ingest
+        link = self.link
+        assert ingest is not None and link is not None
+        ack = None
+        if msg.qos > 0:
+            mid = msg.mid
+
+            def ack() -> None:
+                if link.connected:  # after a reconnect the broker redelivers instead
+                    link.ack(mid)
+
+        topic = msg.topic
+        route = self.routes.get(topic)
+        payload = msg.payload
+        if route is None:
+            # Not ours (a broad ACL or a stale subscription of this session): note it, ack it.
+            ingest.bad_payload("?", topic, "unknown_topic", "", payload, ack)
+            return
+        try:
+            d = route.decode(payload)
+        except PayloadError as exc:
+            ingest.bad_payload(route.device, topic, exc.reason, exc.detail, payload, ack)
+            return
+        now = self.clock.now()
+        ingest.device_event(
+            DeviceEvent(
+                route.device,
+                route.event,
+                d.fields,
+                d.time if d.time is not None else now,
+                now,
+                f"{route.device}/{route.event}/{d.msg_key}",
+            ),
+            ack,
+        )

@@ -1,0 +1,1 @@
+"""The durable outbox: business events and their deliveries, committed before any ack."""

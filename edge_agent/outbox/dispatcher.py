@@ -1,0 +1,145 @@
+"""One dispatcher per sink: leases pending deliveries in order, sends, settles.
+
+Order per sink is the outbox order (hence per business key too): a batch that fails
+transiently is retried as a whole, with capped jittered exponential backoff or the
+receiver's Retry-After, before anything behind it is sent. A permanently rejected event is
+dead-lettered and does not hold back the ones behind it. Each dispatcher advances on its
+own, so a dead WMS never holds back the ERP or the MQTT bus.
+
+Settlements join the group-commit batch (losing one to a crash only means a re-send, which
+the receiver deduplicates by Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from ..errors import RetriableError
+from ..sinks.base import Result, SendIncomplete, Sink
+from .batch import Settle
+from .committer import Committer
+from .store import DEAD, DELIVERED, PENDING, Pending
+
+log = logging.getLogger(__name__)
+
+RESCAN_SECS = 10.0  # how often an idle dispatcher looks again for rows put back by an operator
+
+
+def backoff_delay(attempt: int, initial_secs: float, cap_secs: float) -> float:
+    """Full-jitter exponential backoff (AWS architecture blog), capped."""
+    return random.uniform(0, min(cap_secs, initial_secs * (2 ** min(attempt, 30))))
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        sink: Sink,
+        committer: Committer,
+        *,
+        initial_backoff_secs: float = 0.5,
+        max_backoff_secs: float = 60.0,
+        max_retry_after_secs: float = 600.0,
+    ):
+        self.sink = sink
+        self.name = sink.name
+        self.committer = committer
+        self.wake = committer.listen()
+        self.initial = initial_backoff_secs
+        self.cap = max_backoff_secs
+        self.max_retry_after = max_retry_after_secs
+        self.cursor = 0
+        self.held: list[Pending] = []
+        self.failures = 0  # consecutive transient failures
+        self.delivered = 0
+        self.dead = 0
+        self.state = "idle"  # idle | sending | backoff
+        self.last_error: str | None = None
+        self._settle_commit = 0  # commits count after which our settles are durable
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake.set()
+
+    async def run(self) -> None:
+        last_rescan = time.monotonic()
+        while not self._stopping:
+            items = self.held
+            if not items:
+                self.wake.clear()
+                items = await self.committer.run_db(
+                    self.committer.store.fetch_pending, self.name, self.cursor, self.sink.batch_max_events
+                )
+                if not items:
+                    self.state = "idle"
+                    now = time.monotonic()
+                    if now - last_rescan > RESCAN_SECS and self.committer.commits >= self._settle_commit:
+                        self.cursor = 0  # pick up dead rows an operator put back
+                        last_rescan = now
+                        continue
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), RESCAN_SECS)
+                    except TimeoutError:
+                        pass
+                    continue
+                self.cursor = items[-1].seq
+            self.state = "sending"
+            try:
+                results = await self.sink.send(items)
+            except SendIncomplete as exc:
+                self._settle(items[: len(exc.results)], exc.results)
+                self.held = items[len(exc.results) :]
+                await self._backoff(exc.cause)
+            except RetriableError as exc:
+                self.held = items
+                await self._backoff(exc)
+            else:
+                if len(results) != len(items):
+                    raise RuntimeError(f"sink {self.name} returned {len(results)} results for {len(items)}")
+                self._settle(items, results)
+                self.held = []
+                if self.failures:
+                    log.info("sink %s delivering again after %d failed attempts", self.name, self.failures)
+                self.failures = 0
+                self.last_error = None
+
+    def _settle(self, items: list[Pending], results: list[Result]) -> None:
+        now = time.time()
+        settles = self.committer.batch.settles
+        for it, res in zip(items, results, strict=True):
+            if res is None:
+                settles.append(Settle(self.name, it.seq, DELIVERED, None, now))
+                self.delivered += 1
+            else:
+                settles.append(Settle(self.name, it.seq, DEAD, res[:2000], now))
+                self.dead += 1
+                log.error("sink %s rejected event %s (%s) for good: %s", self.name, it.id, it.type, res[:300])
+        self._settle_commit = self.committer.commits + 2
+        self.committer.changed()
+
+    async def _backoff(self, exc: RetriableError) -> None:
+        self.failures += 1
+        self.state = "backoff"
+        msg = str(exc)[:500]
+        if self.last_error is None:
+            log.warning("sink %s failing, will retry: %s", self.name, msg)
+        self.last_error = msg
+        now = time.time()
+        settles = self.committer.batch.settles
+        for it in self.held[:1]:  # record the attempt on the head event, for operators
+            settles.append(Settle(self.name, it.seq, PENDING, msg, now))
+        self.committer.changed()
+        if exc.retry_after_secs is not None:
+            delay = min(max(exc.retry_after_secs, 0.0), self.max_retry_after)
+        else:
+            delay = backoff_delay(self.failures - 1, self.initial, self.cap)
+        await self._sleep(delay)
+
+    async def _sleep(self, secs: float) -> None:
+        # Stop promptly on shutdown; held items stay pending in the outbox.
+        deadline = time.monotonic() + secs
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.25))

@@ -1,0 +1,315 @@
+"""The outbox database (SQLite, WAL, synchronous=FULL): the agent's only durable state.
+
+Owns the schema and every SQL statement. Synchronous and single-connection: the agent calls
+it from one dedicated thread (see ``Committer``), the CLI calls it directly. Durability is
+verified at open: a store that cannot guarantee WAL + FULL refuses to open.
+
+Tables:
+  events       one row per business event (seq, deterministic id, envelope body)
+  deliveries   one row per (sink, event): 0 pending, 1 delivered, 2 dead (+ last error)
+  rule_state   rules' open correlations and watermarks, by (rule, key)
+  inputs       ids of consumed device messages (redelivery dedup), pruned after retention
+  quarantine   malformed device payloads set aside for inspection
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ..errors import StoreError
+from .batch import SealedBatch
+
+PENDING, DELIVERED, DEAD = 0, 1, 2
+STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
+SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class Pending:
+    seq: int
+    id: str
+    type: str
+    subject: str
+    body: str
+    attempts: int
+
+
+class Store:
+    def __init__(self, path: str | Path, *, check_integrity: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open outbox {self.path}: {exc}") from exc
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._durable()
+        if check_integrity:
+            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise StoreError(f"outbox {self.path} failed integrity_check: {ok}")
+        self._schema()
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def _durable(self) -> None:
+        c = self.conn
+        try:
+            mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            c.execute("PRAGMA synchronous=FULL")
+            sync = c.execute("PRAGMA synchronous").fetchone()[0]
+            c.execute("PRAGMA busy_timeout=5000")
+            c.execute("PRAGMA foreign_keys=OFF")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot configure outbox {self.path}: {exc}") from exc
+        if mode.lower() != "wal" or sync != 2:
+            raise StoreError(
+                f"outbox {self.path} is not durable: journal_mode={mode}, synchronous={sync} "
+                "(need wal and 2=FULL)"
+            )
+
+    def _schema(self) -> None:
+        db = self.db
+        with self.conn:
+            db.execute("BEGIN IMMEDIATE")
+            if "meta" not in db.table_names():
+                db["meta"].create({"key": str, "value": str}, pk="key")
+                db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
+            else:
+                v = int(db["meta"].get("schema_version")["value"])
+                if v > SCHEMA_VERSION:
+                    raise StoreError(f"outbox schema {v} is newer than this agent ({SCHEMA_VERSION})")
+            if "events" not in db.table_names():
+                db["events"].create(
+                    {
+                        "seq": int,
+                        "id": str,
+                        "type": str,
+                        "subject": str,
+                        "time": float,
+                        "created": float,
+                        "body": str,
+                    },
+                    pk="seq",
+                    not_null={"id", "type", "body"},
+                )
+                db["events"].create_index(["id"], unique=True)
+            if "deliveries" not in db.table_names():
+                db.execute(
+                    "CREATE TABLE deliveries (sink TEXT NOT NULL, seq INTEGER NOT NULL, "
+                    "state INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
+                    "last_error TEXT, updated REAL, PRIMARY KEY (sink, seq)) WITHOUT ROWID"
+                )
+                db.execute(
+                    "CREATE INDEX deliveries_pending ON deliveries(sink, seq) WHERE state = 0"
+                )
+                db.execute("CREATE INDEX deliveries_seq ON deliveries(seq)")
+            if "rule_state" not in db.table_names():
+                db.execute(
+                    "CREATE TABLE rule_state (rule TEXT NOT NULL, key TEXT NOT NULL, "
+                    "value TEXT NOT NULL, PRIMARY KEY (rule, key)) WITHOUT ROWID"
+                )
+            if "inputs" not in db.table_names():
+                db.execute(
+                    "CREATE TABLE inputs (msg_id TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID"
+                )
+                db.execute("CREATE INDEX inputs_seen ON inputs(seen)")
+            if "quarantine" not in db.table_names():
+                db["quarantine"].create(
+                    {
+                        "id": int,
+                        "device": str,
+                        "source": str,
+                        "reason": str,
+                        "detail": str,
+                        "payload": bytes,
+                        "received": float,
+                    },
+                    pk="id",
+                )
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            self.conn.close()
+
+    # --- the agent's path ------------------------------------------------------------------
+
+    def commit(self, b: SealedBatch) -> None:
+        """Make one group-commit batch durable in a single transaction."""
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if b.events:
+                    c.executemany(
+                        "INSERT INTO events(id, type, subject, time, created, body) "
+                        "VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
+                        b.events,
+                    )
+                if b.routes:
+                    c.executemany(
+                        "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts) "
+                        "SELECT ?, seq, 0, 0 FROM events WHERE id = ?",
+                        b.routes,
+                    )
+                if b.state_upserts:
+                    c.executemany(
+                        "INSERT INTO rule_state(rule, key, value) VALUES (?,?,?) "
+                        "ON CONFLICT(rule, key) DO UPDATE SET value = excluded.value",
+                        b.state_upserts,
+                    )
+                if b.state_deletes:
+                    c.executemany("DELETE FROM rule_state WHERE rule = ? AND key = ?", b.state_deletes)
+                if b.inputs:
+                    c.executemany("INSERT OR IGNORE INTO inputs(msg_id, seen) VALUES (?,?)", b.inputs)
+                if b.quarantine:
+                    c.executemany(
+                        "INSERT INTO quarantine(device, source, reason, detail, payload, received) "
+                        "VALUES (?,?,?,?,?,?)",
+                        b.quarantine,
+                    )
+                if b.settles:
+                    c.executemany(
+                        "UPDATE deliveries SET state = ?, attempts = attempts + 1, "
+                        "last_error = ?, updated = ? WHERE sink = ? AND seq = ?",
+                        [(s.state, s.error, s.at, s.sink, s.seq) for s in b.settles],
+                    )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox commit failed: {exc}") from exc
+
+    def fetch_pending(self, sink: str, after_seq: int, limit: int) -> list[Pending]:
+        rows = self.conn.execute(
+            "SELECT d.seq, e.id, e.type, e.subject, e.body, d.attempts FROM deliveries d "
+            "JOIN events e ON e.seq = d.seq WHERE d.sink = ? AND d.state = 0 AND d.seq > ? "
+            "ORDER BY d.seq LIMIT ?",
+            (sink, after_seq, limit),
+        ).fetchall()
+        return [Pending(*r) for r in rows]
+
+    def load_rule_state(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for rule, key, value in self.conn.execute("SELECT rule, key, value FROM rule_state"):
+            out.setdefault(rule, {})[key] = value
+        return out
+
+    def load_inputs(self, since: float) -> list[tuple[str, float]]:
+        return self.conn.execute(
+            "SELECT msg_id, seen FROM inputs WHERE seen >= ? ORDER BY seen", (since,)
+        ).fetchall()
+
+    def prune(self, *, inputs_before: float, delivered_before: float) -> tuple[int, int]:
+        """Forget old input ids and events every sink has settled. Returns (inputs, events)."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            n_in = c.execute("DELETE FROM inputs WHERE seen < ?", (inputs_before,)).rowcount
+            old = (
+                "SELECT e.seq FROM events e WHERE e.created < ? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.state != 1)"
+            )
+            c.execute(f"DELETE FROM deliveries WHERE seq IN ({old})", (delivered_before,))
+            n_ev = c.execute(
+                "DELETE FROM events WHERE created < ? AND seq NOT IN (SELECT seq FROM deliveries)",
+                (delivered_before,),
+            ).rowcount
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return n_in, n_ev
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.path.getsize(str(self.path) + suffix)
+            except OSError:
+                pass
+        return total
+
+    # --- operators (CLI) -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        per_sink: dict[str, dict[str, int]] = {}
+        for sink, state, n in self.conn.execute(
+            "SELECT sink, state, count(*) FROM deliveries GROUP BY sink, state"
+        ):
+            per_sink.setdefault(sink, {"pending": 0, "delivered": 0, "dead": 0})[
+                STATE_NAMES[state]
+            ] = n
+        by_type = dict(self.conn.execute("SELECT type, count(*) FROM events GROUP BY type"))
+        q = dict(self.conn.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason"))
+        return {
+            "events": sum(by_type.values()),
+            "events_by_type": by_type,
+            "sinks": per_sink,
+            "open_rule_keys": self.conn.execute("SELECT count(*) FROM rule_state").fetchone()[0],
+            "quarantine": q,
+            "size_bytes": self.size_bytes(),
+        }
+
+    def list_events(
+        self, *, sink: str | None = None, state: int | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT e.seq, e.id, e.type, e.subject, e.time, d.sink, d.state, d.attempts, "
+            "d.last_error, d.updated FROM events e JOIN deliveries d ON d.seq = e.seq"
+        )
+        where, args = [], []
+        if sink is not None:
+            where.append("d.sink = ?")
+            args.append(sink)
+        if state is not None:
+            where.append("d.state = ?")
+            args.append(state)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY e.seq DESC LIMIT ?"
+        args.append(limit)
+        cols = ["seq", "id", "type", "subject", "time", "sink", "state", "attempts", "last_error", "updated"]
+        out = []
+        for row in self.conn.execute(sql, args):
+            d = dict(zip(cols, row, strict=True))
+            d["state"] = STATE_NAMES[d["state"]]
+            out.append(d)
+        return out
+
+    def retry_dead(self, *, sink: str | None = None, ids: Iterable[str] = ()) -> int:
+        """Put dead deliveries back to pending (all of a sink, or the given event ids)."""
+        ids = list(ids)
+        sql = "UPDATE deliveries SET state = 0, updated = ? WHERE state = 2"
+        args: list[Any] = [time.time()]
+        if sink is not None:
+            sql += " AND sink = ?"
+            args.append(sink)
+        if ids:
+            sql += f" AND seq IN (SELECT seq FROM events WHERE id IN ({','.join('?' * len(ids))}))"
+            args += ids
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            n = self.conn.execute(sql, args).rowcount
+        return n
+
+    def quarantined(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(
+            self.db.query(
+                "SELECT id, device, source, reason, detail, length(payload) AS bytes, received "
+                "FROM quarantine ORDER BY id DESC LIMIT ?",
+                [limit],
+            )
+        )

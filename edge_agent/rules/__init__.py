@@ -1,0 +1,1 @@
+"""Rules: deterministic functions of (state, device event, clock) that emit business events."""

@@ -1,0 +1,240 @@
+"""The ``correlate`` rule: join device events of several inputs by a business key in a window.
+
+Time is *event time*: a window opens at the device time of the first input of a key and
+closes when the rule's watermark passes ``t0 + window``. The watermark is the latest device
+time seen minus ``allowed_lateness_secs``; when no input has arrived for a while it is also
+pushed by the wall clock, so a lone scan still times out on a quiet line. Because replayed
+messages carry their original device times, a restart after an outage re-plays the same
+correlations instead of expiring every open window at once.
+
+After a key is resolved (complete, terminated, or timed out) it stays *closed* until its
+window would have ended, so a late partner or a repeated message of the same carton is
+absorbed instead of opening a bogus new correlation.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import CorrelateRule, Condition
+from ..events import BusinessEvent, DeviceEvent, event_id
+from .base import Output, compile_data, compile_template
+
+log = logging.getLogger(__name__)
+
+FUTURE_SKEW_SECS = 60.0  # a device clock further ahead than this is not trusted
+WM_SAVE_SECS = 1.0
+WM_KEY = ""  # state key under which the watermark is persisted (business keys are non-empty)
+
+
+class _Open:
+    __slots__ = ("t0", "deadline", "parts", "closed")
+
+    def __init__(self, t0: float, deadline: float):
+        self.t0 = t0
+        self.deadline = deadline
+        self.parts: dict[str, DeviceEvent] = {}
+        self.closed = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "t0": self.t0,
+            "deadline": self.deadline,
+            "closed": self.closed,
+            "parts": {
+                n: [p.device, p.event, p.fields, p.time, p.received_at, p.msg_id]
+                for n, p in self.parts.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, v: Mapping[str, Any]) -> _Open:
+        o = cls(v["t0"], v["deadline"])
+        o.closed = v["closed"]
+        o.parts = {n: DeviceEvent(*p) for n, p in v["parts"].items()}
+        return o
+
+
+def _condition(c: Condition):
+    f = c.field
+    if c.in_ is not None:
+        values = list(c.in_)
+        return lambda ev: ev.fields.get(f) in values
+    eq = c.equals
+    return lambda ev: ev.fields.get(f) == eq
+
+
+class _Emit:
+    """A compiled EmitSpec."""
+
+    def __init__(self, spec: Any):
+        self.type = spec.type
+        self.subject = compile_template(spec.subject)
+        self.data = compile_data(spec.data)
+
+
+class Correlate:
+    kind = "correlate"
+
+    def __init__(self, cfg: CorrelateRule, *, site: str, max_open_keys: int = 200_000):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.site = site
+        self.source = f"edge-agent/{site}/rules/{cfg.name}"
+        self.key_field = cfg.key
+        self.window = cfg.window_secs
+        self.lateness = cfg.allowed_lateness_secs
+        self.needed = frozenset(cfg.inputs)
+        self.emit_ok = _Emit(cfg.emit)
+        self.emit_timeout = _Emit(cfg.on_timeout) if cfg.on_timeout else None
+        self.reasons = dict(cfg.on_timeout.reasons) if cfg.on_timeout else {}
+        self.terminators: dict[str, list[tuple[Any, _Emit]]] = {}
+        for t in cfg.terminate_on:
+            self.terminators.setdefault(t.input, []).append((_condition(t.when), _Emit(t.emit)))
+        self.max_open_keys = max_open_keys
+        self.open: dict[str, _Open] = {}
+        self.heap: list[tuple[float, str]] = []  # (deadline, key); stale entries skipped
+        self.max_time = 0.0  # latest trusted device time seen
+        self.watermark = 0.0
+        self.last_arrival = 0.0  # wall clock of the last input (0 = none yet)
+        self._wm_saved = 0.0
+        self._wm_saved_at = 0.0
+        self.counters = {"absorbed": 0, "no_key": 0, "clock_ahead": 0, "forced_expiry": 0}
+
+    # --- Rule protocol ---------------------------------------------------------------------
+
+    def inputs(self) -> list[tuple[str, str, str]]:
+        out = []
+        for name, spec in self.cfg.inputs.items():
+            devices = [spec.device] if isinstance(spec.device, str) else spec.device
+            out += [(d, spec.event, name) for d in devices]
+        return out
+
+    def open_keys(self) -> int:
+        return len(self.open)
+
+    def load_state(self, items: Mapping[str, Any]) -> None:
+        for key, v in items.items():
+            if key == WM_KEY:
+                self.max_time = v["max_time"]
+                self.watermark = v["watermark"]
+                continue
+            o = _Open.from_json(v)
+            self.open[key] = o
+            heapq.heappush(self.heap, (o.deadline, key))
+
+    def on_event(self, ev: DeviceEvent, input_name: str, out: Output) -> None:
+        key = ev.fields.get(self.key_field)
+        if key is None or key == "":
+            self.counters["no_key"] += 1
+            return
+        key = str(key)
+        self.last_arrival = ev.received_at
+        t = ev.time
+        if t > ev.received_at + FUTURE_SKEW_SECS:
+            # A device clock far ahead would push the watermark and expire every window.
+            self.counters["clock_ahead"] += 1
+            t = ev.time = ev.received_at
+        o = self.open.get(key)
+        if o is None:
+            o = _Open(t, t + self.window)
+            self.open[key] = o
+            heapq.heappush(self.heap, (o.deadline, key))
+            if len(self.open) > self.max_open_keys:
+                self._force_expire(out)
+        if o.closed or input_name in o.parts:
+            # Late partner of a resolved key, or a second message for the same input.
+            self.counters["absorbed"] += 1
+            return
+        o.parts[input_name] = ev
+        for cond, emit in self.terminators.get(input_name, ()):
+            if cond(ev):
+                self._resolve(key, o, emit, out, reason=None, use=[input_name])
+                break
+        else:
+            if len(o.parts) == len(self.needed):
+                self._resolve(key, o, self.emit_ok, out, reason=None, use=list(o.parts))
+            else:
+                out.state_changed(self.name, key, o.to_json())
+        if t > self.max_time:
+            self.max_time = t
+            wm = t - self.lateness
+            if wm > self.watermark:
+                self.watermark = wm
+                self._expire(out)
+
+    def on_tick(self, now: float, out: Output) -> None:
+        if self.last_arrival == 0.0:
+            self.last_arrival = now  # grace after start: replayed messages come first
+        if now - self.last_arrival > self.lateness:
+            # Quiet line: let the wall clock stand in for device time.
+            wm = now - self.lateness
+            if wm > self.watermark:
+                self.watermark = wm
+                self._expire(out)
+        if self.watermark != self._wm_saved and now - self._wm_saved_at >= WM_SAVE_SECS:
+            # A stale persisted watermark is only conservative; no need to write it per tick.
+            self._wm_saved, self._wm_saved_at = self.watermark, now
+            out.state_changed(
+                self.name, WM_KEY, {"max_time": self.max_time, "watermark": self.watermark}
+            )
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _expire(self, out: Output) -> None:
+        heap, wm = self.heap, self.watermark
+        while heap and heap[0][0] < wm:
+            deadline, key = heapq.heappop(heap)
+            o = self.open.get(key)
+            if o is None or o.deadline != deadline:
+                continue
+            self._timeout(key, o, out)
+
+    def _force_expire(self, out: Output) -> None:
+        while len(self.open) > self.max_open_keys and self.heap:
+            deadline, key = heapq.heappop(self.heap)
+            o = self.open.get(key)
+            if o is not None and o.deadline == deadline:
+                self.counters["forced_expiry"] += 1
+                self._timeout(key, o, out)
+
+    def _timeout(self, key: str, o: _Open, out: Output) -> None:
+        del self.open[key]
+        out.state_changed(self.name, key, None)
+        if o.closed or self.emit_timeout is None:
+            return
+        missing = sorted(self.needed - o.parts.keys())
+        reason = ",".join(self.reasons.get(m, f"no_{m}") for m in missing)
+        ctx: dict[str, Any] = dict(o.parts)
+        ctx.update(key=key, rule=self.name, site=self.site, reason=reason, missing=",".join(missing))
+        ids = sorted(p.msg_id for p in o.parts.values())
+        self._out(self.emit_timeout, ctx, o.deadline, ids, key, out)
+
+    def _resolve(
+        self, key: str, o: _Open, emit: _Emit, out: Output, reason: str | None, use: list[str]
+    ) -> None:
+        ctx: dict[str, Any] = dict(o.parts)
+        ctx.update(key=key, rule=self.name, site=self.site, reason=reason, missing="")
+        parts = [o.parts[n] for n in use]
+        t = max(p.time for p in parts)
+        self._out(emit, ctx, t, sorted(p.msg_id for p in parts), key, out)
+        o.closed = True
+        o.parts = {}
+        out.state_changed(self.name, key, o.to_json())
+
+    def _out(
+        self, emit: _Emit, ctx: dict[str, Any], t: float, ids: list[str], key: str, out: Output
+    ) -> None:
+        out.emit(
+            BusinessEvent(
+                id=event_id(self.site, self.name, emit.type, key, *ids),
+                type=emit.type,
+                subject=str(emit.subject(ctx)),
+                time=t,
+                source=self.source,
+                data=emit.data(ctx),
+            )
+        )

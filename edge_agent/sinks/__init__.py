@@ -1,0 +1,1 @@
+"""Sinks: deliver committed business events to one destination each (HTTP, MQTT)."""

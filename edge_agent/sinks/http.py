@@ -1,0 +1,268 @@
+"""The HTTP sink: POSTs committed CloudEvents to a WMS/ERP endpoint (contract 3.3).
+
+Owns one ``httpx.AsyncClient`` per sink and the translation of HTTP outcomes into the sink
+contract (``sinks/base.py``): 2xx and 409 delivered; 408, 425, 429, 5xx, other non-4xx
+statuses, 401/403 (our credentials, not the event, are wrong), timeouts, connection and
+protocol errors raise ``RetriableError`` (with the
+receiver's ``Retry-After``); any other 4xx is a permanent rejection, returned as
+``"HTTP <status>: <response body>"``. It never sleeps, retries or logs: the dispatcher
+owns timing and reporting.
+
+Bodies are the envelopes exactly as the outbox stored them (serialized once, at emission);
+a batch is those bodies joined into a JSON array, so nothing is parsed per event.
+
+``mode: single`` sends one request per event, in order, ``Idempotency-Key`` = event id.
+``mode: batch`` sends one ``application/cloudevents-batch+json`` request per send; its
+``Idempotency-Key`` is derived from the event ids, so a retried batch of the same events
+carries the same key (receivers must still deduplicate per event id: after a restart the
+same events may travel in a differently cut batch). When the receiver rejects a batch for
+good, its events are re-sent one per request (as one-element batches, which the same
+endpoint accepts, keyed by the event id) so only the bad ones are dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+import uuid
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+from .. import __version__
+from ..config import HttpSinkConfig
+from ..errors import ConfigError, ConfigProblem, RetriableError
+from ..outbox.store import Pending
+from .base import Result, SendIncomplete
+
+SINGLE_CONTENT_TYPE = "application/cloudevents+json"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+REASON_MAX_CHARS = 1000  # of a rejecting response's body, kept in the dead letter
+RESPONSE_MAX_BYTES = 64 * 1024  # read at most this much of any response body
+BATCH_KEY_NAMESPACE = uuid.UUID("0d6f3c52-8a51-5e0b-b7a4-3c9e1f2a6d40")
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+_TOKEN_CHARS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header name
+
+
+class HttpSink:
+    """Delivers events to one HTTP endpoint; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: HttpSinkConfig,
+        *,
+        base_dir: Path | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.name = name
+        self.cfg = cfg
+        self.batch_max_events = cfg.batch_max_events
+        self._base_dir = base_dir
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._url = httpx.URL(cfg.url)
+        # For error messages: never echo credentials embedded in the URL.
+        self._where = str(self._url.copy_with(username=None, password=None))
+
+    async def start(self) -> None:
+        """Create the client; connects to nothing, so a receiver that is down is no error."""
+        if self._client is not None:
+            return
+        headers = {"User-Agent": f"edge-agent/{__version__}", **self._extra_headers()}
+        token = self._read_token()
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        n = self.cfg.max_connections
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(self.cfg.timeout_secs),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            transport=self._transport,
+            follow_redirects=False,  # a redirect means a wrong url; see _outcome
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def send(self, items: list[Pending]) -> list[Result]:
+        if not items:
+            return []
+        if self.cfg.mode == "single":
+            return await self._send_each(items, batch=False)
+        result = await self._post(
+            b"[" + b",".join(it.body.encode() for it in items) + b"]",
+            BATCH_CONTENT_TYPE,
+            _batch_key(items),
+            items[0].subject,
+        )
+        if result is None:
+            return [None] * len(items)
+        if len(items) == 1:
+            return [result]
+        # Rejected for good: find the bad event(s) instead of dead-lettering the whole batch.
+        return await self._send_each(items, batch=True)
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _send_each(self, items: list[Pending], *, batch: bool) -> list[Result]:
+        """One request per event, in order; stop at the first transient failure."""
+        results: list[Result] = []
+        for it in items:
+            body = it.body.encode()
+            try:
+                if batch:
+                    res = await self._post(
+                        b"[" + body + b"]", BATCH_CONTENT_TYPE, it.id, it.subject
+                    )
+                else:
+                    res = await self._post(body, SINGLE_CONTENT_TYPE, it.id, it.subject)
+            except RetriableError as exc:
+                if not results:
+                    raise
+                raise SendIncomplete(results, exc) from exc
+            results.append(res)
+        return results
+
+    async def _post(self, content: bytes, content_type: str, key: str, subject: str) -> Result:
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"HttpSink {self.name!r} used before start()")
+        headers = {
+            "Content-Type": content_type,
+            "Idempotency-Key": key,
+            "X-Correlation-ID": _header_value(subject),
+        }
+        request = client.build_request("POST", self._url, content=content, headers=headers)
+        try:
+            # httpx times each phase (connect, write, read); this bounds the whole exchange.
+            async with asyncio.timeout(self.cfg.timeout_secs):
+                response = await client.send(request, stream=True)
+                try:
+                    body = await _read_capped(response)
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise RetriableError(
+                f"POST {self._where}: no complete response within {self.cfg.timeout_secs}s"
+            ) from exc
+        except httpx.RequestError as exc:
+            raise RetriableError(f"POST {self._where}: {type(exc).__name__}: {exc}") from exc
+        return self._outcome(response, body)
+
+    def _outcome(self, response: httpx.Response, body: bytes) -> Result:
+        status = response.status_code
+        if 200 <= status < 300 or status == 409:  # 409: the receiver already has it
+            return None
+        text = body.decode("utf-8", "replace")
+        if 400 <= status < 500 and status not in (408, 425, 429, 401, 403):
+            return f"HTTP {status}: {text[:REASON_MAX_CHARS] or response.reason_phrase}"
+        # 408/425/429/5xx by contract; 1xx/3xx are not an answer about the event (a redirect
+        # means the url is wrong), and 401/403 say our credentials are wrong, not the event:
+        # dead-lettering every event for an expired token would bury the operator. Keep the
+        # events until an operator fixes the config.
+        detail = text[:200].strip() or response.reason_phrase
+        if status in (401, 403):
+            detail = f"{detail} (check the sink's credentials)"
+        if 300 <= status < 400 and "location" in response.headers:
+            detail = f"redirect to {response.headers['location']} (check the sink url)"
+        raise RetriableError(
+            f"POST {self._where}: HTTP {status}: {detail}",
+            retry_after_secs=parse_retry_after(response.headers.get("retry-after")),
+        )
+
+    def _extra_headers(self) -> dict[str, str]:
+        """``cfg.headers``, checked once: a header httpx cannot send would fail every request."""
+        bad = [
+            name
+            for name, value in self.cfg.headers.items()
+            if not _TOKEN_CHARS.fullmatch(name) or _header_value(value) != value
+        ]
+        if bad:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        f"sinks.{self.name}.headers",
+                        None,
+                        f"cannot send header {name!r} (names are tokens, values printable ASCII)",
+                    )
+                    for name in bad
+                ]
+            )
+        return dict(self.cfg.headers)
+
+    def _read_token(self) -> str | None:
+        path = self.cfg.bearer_token_file
+        if path is None:
+            return None
+        if not path.is_absolute() and self._base_dir is not None:
+            path = self._base_dir / path
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        str(path), None, f"sink {self.name}: cannot read bearer token: {exc}"
+                    )
+                ]
+            ) from exc
+        if not token or not (token.isascii() and token.isprintable()):
+            msg = f"sink {self.name}: bearer token is empty or not one line of printable ASCII"
+            raise ConfigError([ConfigProblem(str(path), None, msg)])
+        return token
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or HTTP-date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        pass
+    else:
+        return secs if math.isfinite(secs) and secs >= 0 else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP-dates are always GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _batch_key(items: list[Pending]) -> str:
+    """Deterministic Idempotency-Key of a batch; a batch of one is keyed like its event."""
+    if len(items) == 1:
+        return items[0].id
+    return str(uuid.uuid5(BATCH_KEY_NAMESPACE, "\x1f".join(it.id for it in items)))
+
+
+def _header_value(text: str) -> str:
+    """``text`` as it is, or percent-encoded if it is not printable ASCII (a header cannot
+    carry it, and a malformed request would be retried forever)."""
+    if text.isascii() and text.isprintable() and text == text.strip():
+        return text
+    return quote(text, safe=_HEADER_SAFE)
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    """The response body, at most ``RESPONSE_MAX_BYTES`` of it (a receiver cannot make us
+    buffer an unbounded error page)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= RESPONSE_MAX_BYTES:
+            break
+    return b"".join(chunks)

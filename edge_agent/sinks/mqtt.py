@@ -1,0 +1,131 @@
+"""MQTT sink: publishes each event's CloudEvents envelope on ``{prefix}/events/{type}``.
+
+QoS 1, not retained; an event counts as delivered only when the broker has acknowledged it
+(PUBACK). On MQTT 5 the CloudEvents attributes are also user properties and the content
+type is set. The sink owns its link and publishes the retained agent status
+(``{prefix}/agent/status``: online, with a last will ``offline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..config import BrokerConfig, MqttSinkConfig
+from ..errors import NotConnected, RetriableError
+from ..events import iso_time
+from ..mqttlink import MqttLink
+from ..outbox.store import Pending
+from ..runtime.supervisor import Health
+from .base import Result, SendIncomplete
+
+log = logging.getLogger(__name__)
+
+
+def status_payload(state: str, **extra: object) -> bytes:
+    return json.dumps({"state": state, "since": iso_time(time.time()), **extra}).encode()
+
+
+class MqttSink:
+    def __init__(self, name: str, cfg: MqttSinkConfig, broker: BrokerConfig, *, site: str, client_id: str):
+        self.name = name
+        self.cfg = cfg
+        self.broker = broker
+        self.site = site
+        self.batch_max_events = cfg.batch_max_events
+        self.prefix = cfg.prefix.replace("{site}", site).rstrip("/")
+        self.status_topic = f"{self.prefix}/agent/status"
+        self.client_id = client_id
+        self.link: MqttLink | None = None
+        self.health = Health()
+        self.v5 = broker.protocol == "5"
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Nothing to do: ``run()`` (supervised) keeps the link up."""
+
+    async def run(self) -> None:
+        """Connect, announce the agent online, and hold the link until it drops."""
+        link = MqttLink(
+            self.broker,
+            self.client_id,
+            persistent=False,
+            will=(self.status_topic, status_payload("offline", reason="connection lost")),
+        )
+        try:
+            await link.connect()
+            self.link = link
+            link.publish(self.status_topic, status_payload("online"), qos=1, retain=True)
+            self.health.set("online")
+            self._ready.set()
+            await link.wait_closed()
+        finally:
+            self._ready.clear()
+            if self.link is link:
+                self.link = None
+            await link.close()
+
+    def _props(self, it: Pending) -> Properties | None:
+        if not self.v5:
+            return None
+        p = Properties(PacketTypes.PUBLISH)
+        p.ContentType = "application/cloudevents+json"
+        p.UserProperty = [
+            ("specversion", "1.0"),
+            ("id", it.id),
+            ("type", it.type),
+            ("subject", it.subject),
+            ("site", self.site),
+        ]
+        return p
+
+    async def send(self, items: list[Pending]) -> list[Result]:
+        link = self.link
+        if link is None or not link.connected:
+            raise NotConnected(f"MQTT sink {self.name}: not connected")
+        futs = []
+        try:
+            for it in items:
+                futs.append(
+                    link.publish(
+                        f"{self.prefix}/events/{it.type}", it.body.encode(), 1, False, self._props(it)
+                    )
+                )
+        except NotConnected as exc:
+            cause = exc
+        else:
+            try:
+                await asyncio.wait_for(asyncio.gather(*futs), self.cfg.publish_timeout_secs)
+                return [None] * len(items)
+            except TimeoutError:
+                cause = RetriableError(f"MQTT sink {self.name}: no PUBACK within timeout")
+            except RetriableError as exc:
+                cause = exc
+        # Whatever the broker acknowledged in order counts; the rest is retried.
+        done = 0
+        for f in futs:
+            if f is None or not f.done() or f.cancelled() or f.exception() is not None:
+                break
+            done += 1
+        for f in futs[done:]:
+            if f is not None and f.done() and not f.cancelled():
+                f.exception()  # retrieved: no "never retrieved" warnings
+        if done:
+            raise SendIncomplete([None] * done, cause)
+        raise cause
+
+    async def close(self) -> None:
+        link = self.link
+        if link is not None and link.connected:
+            fut = link.publish(self.status_topic, status_payload("offline", reason="stopped"), qos=1, retain=True)
+            if fut is not None:
+                try:
+                    await asyncio.wait_for(fut, 2.0)
+                except (TimeoutError, RetriableError):
+                    pass
+            await link.close()

@@ -1,0 +1,59 @@
+"""A subscriber to the agent's MQTT events, recording envelopes and their arrival times."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+class BusRecorder:
+    def __init__(self, host: str, port: int, topic: str = "edge/+/events/#", protocol: str = "5"):
+        self.topic = topic
+        self.events: list[dict[str, Any]] = []
+        self.meta: list[dict[str, Any]] = []  # topic, user properties, content type, arrival
+        self.lock = threading.Lock()
+        self._subscribed = threading.Event()
+        v5 = protocol == "5"
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if v5 else paho.MQTTv311
+        )
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("bus recorder did not subscribe")
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        now = time.time()
+        ev = json.loads(msg.payload)
+        props = getattr(msg, "properties", None)
+        meta = {
+            "topic": msg.topic,
+            "arrival": now,
+            "user_properties": dict(getattr(props, "UserProperty", []) or []),
+            "content_type": getattr(props, "ContentType", None),
+        }
+        with self.lock:
+            self.events.append(ev)
+            self.meta.append(meta)
+
+    def unique(self) -> int:
+        with self.lock:
+            return len({e["id"] for e in self.events})
+
+    def wait_unique(self, count: int, timeout_secs: float) -> int:
+        deadline = time.monotonic() + timeout_secs
+        while time.monotonic() < deadline and self.unique() < count:
+            time.sleep(0.1)
+        return self.unique()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,218 @@
+"""Run the pieces of a local line as real processes: receivers, the agent, the carton line.
+
+Shared by the end-to-end tests, ``edge-agent demo`` and the benchmarks, so all three drive
+the same real processes over real sockets. Everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_SITE = ROOT / "examples" / "site.yaml"
+PROFILES = ROOT / "device_profiles"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class ReceiverProc:
+    """A stand-in WMS/ERP (simulators.receiver) in its own process."""
+
+    def __init__(self, name: str, workdir: Path, port: int = 0, control_port: int = 0):
+        self.name = name
+        self.log_path = workdir / f"receiver-{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simulators.receiver", "--name", name,
+             "--port", str(port), "--control-port", str(control_port)],
+            stdout=subprocess.PIPE, stderr=self._log, env=_env(), cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(f"receiver {name} did not start: {line!r}; see {self.log_path}")
+        parts = dict(p.split("=") for p in line.split()[2:])
+        self.port = int(parts["events"])
+        self.control_port = int(parts["control"])
+        self.url = f"http://127.0.0.1:{self.port}/events"
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.control_port}", timeout=10)
+
+    def control(self, **settings: Any) -> dict[str, Any]:
+        r = self.http.post("/_control", json=settings)
+        r.raise_for_status()
+        return r.json()
+
+    def received(self) -> dict[str, Any]:
+        return self.http.get("/_received").json()
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get("/_stats").json()
+
+    def wait_unique(self, count: int, timeout_secs: float) -> int:
+        deadline = time.monotonic() + timeout_secs
+        n = 0
+        while time.monotonic() < deadline:
+            n = self.stats()["unique"]
+            if n >= count:
+                return n
+            time.sleep(0.1)
+        return n
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._log.close()
+        if hasattr(self, "http"):
+            self.http.close()
+
+
+def write_site(
+    workdir: Path,
+    *,
+    broker_port: int,
+    wms_url: str,
+    erp_url: str,
+    protocol: str = "5",
+    extra: str = "",
+    replace: dict[str, str] | None = None,
+) -> Path:
+    """The example site file, pointed at this run's broker, receivers and work directory."""
+    text = EXAMPLE_SITE.read_text()
+    subs = {
+        "port: 1883": f"port: {broker_port}",
+        "http://127.0.0.1:8081/events": wms_url,
+        "http://127.0.0.1:8082/events": erp_url,
+        "profiles_dir: ../device_profiles": f"profiles_dir: {PROFILES}",
+        'protocol: "5"': f'protocol: "{protocol}"',
+        **(replace or {}),
+    }
+    for old, new in subs.items():
+        if old not in text:
+            raise ValueError(f"example site has no {old!r} to replace")
+        text = text.replace(old, new)
+    path = workdir / "site.yaml"
+    path.write_text(text + extra)
+    return path
+
+
+class AgentProc:
+    """``edge-agent run`` in its own process (so it can be SIGTERMed or kill -9ed)."""
+
+    def __init__(self, config: Path, workdir: Path, *, log_level: str = "INFO"):
+        self.config = config
+        self.workdir = workdir
+        self.status_file = workdir / "status.json"
+        self.log_path = workdir / "agent.log"
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProc:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.cli", "run", "-c", str(self.config),
+             "--status-file", str(self.status_file), "--log-level", self.log_level],
+            stdout=log, stderr=log, env=_env(), cwd=self.workdir,
+        )
+        log.close()
+        return self
+
+    def wait_ready(self, timeout_secs: float = 20) -> dict[str, Any]:
+        """Wait until every connector is online; returns the status."""
+        deadline = time.monotonic() + timeout_secs
+        while time.monotonic() < deadline:
+            st = self.status()
+            if st and st.get("pid") == self.pid and all(
+                c["state"] == "online" for c in st["connectors"].values()
+            ):
+                return st
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}; see {self.log_path}")
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready in {timeout_secs}s; see {self.log_path}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout_secs: float = 20) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout_secs)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class LineProc:
+    """The simulated carton line (scanner + checkweigher) publishing to the broker."""
+
+    def __init__(self, workdir: Path, *, port: int, count: int | None, rate: float, seed: int = 1,
+                 fractions: dict[str, float] | None = None, start_index: int = 0,
+                 protocol: str = "5", ground_truth: Path | None = None):
+        self.ground_truth = ground_truth or workdir / "ground_truth.json"
+        args = [sys.executable, "-m", "simulators.carton_line", "--port", str(port),
+                "--rate", str(rate), "--seed", str(seed), "--start-index", str(start_index),
+                "--protocol", protocol, "--ground-truth", str(self.ground_truth)]
+        args += ["--count", str(count)] if count is not None else ["--forever"]
+        for k, v in (fractions or {}).items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        self.log_path = workdir / f"line-{start_index}.log"
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=_env(), cwd=ROOT)
+        log.close()
+
+    def wait(self, timeout_secs: float) -> dict[str, Any]:
+        rc = self.proc.wait(timeout_secs)
+        if rc != 0:
+            raise RuntimeError(f"carton line failed ({rc}): {self.log_path.read_text()[-2000:]}")
+        return json.loads(self.ground_truth.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
