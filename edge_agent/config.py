@@ -7,14 +7,28 @@ references (profiles, devices, brokers, sinks), and reporting *every* problem at
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLWarning
 
 from .errors import ConfigError, ConfigProblem
 
@@ -73,7 +87,7 @@ class MqttConnection(Model):
     @classmethod
     def _no_wildcards(cls, v: str) -> str:
         if any(c in v for c in "+#") or v.endswith("/"):
-            raise ValueError("topic_base must be a plain topic without wildcards or trailing '/'")
+            raise ValueError("must be a plain topic, without '+', '#' or a trailing '/'")
         return v
 
 
@@ -171,7 +185,9 @@ class CorrelateRule(Model):
     )
 
     @model_validator(mode="after")
-    def _inputs_known(self) -> CorrelateRule:
+    def _inputs_known(self, info: ValidationInfo) -> CorrelateRule:
+        if _checked_by_loader(info):
+            return self  # load_site reports these with the exact line
         for t in self.terminate_on:
             if t.input not in self.inputs:
                 raise ValueError(f"terminate_on names unknown input {t.input!r}")
@@ -268,7 +284,9 @@ class SiteConfig(Model):
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
 
     @model_validator(mode="after")
-    def _unique_rule_names(self) -> SiteConfig:
+    def _unique_rule_names(self, info: ValidationInfo) -> SiteConfig:
+        if _checked_by_loader(info):
+            return self  # load_site reports these with the exact line
         seen: set[str] = set()
         for r in self.rules:
             if r.name in seen:
@@ -278,6 +296,18 @@ class SiteConfig(Model):
 
 
 # --- loading with line numbers -------------------------------------------------------------
+#
+# load_site never stops at the first problem: the top-level keys, each broker, device, rule
+# and sink are validated on their own, and the cross-references are checked on the raw
+# document, so a bad port, a missing profile and an unknown broker are all reported at once.
+# Each problem is located (file, line) and names the key, the bad value and what is allowed.
+
+# Context flag: the loader checks these cross-field references itself, with exact lines.
+_LOADER = "edge_agent.loader"
+
+
+def _checked_by_loader(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(_LOADER))
 
 
 def _yaml() -> YAML:
@@ -286,28 +316,93 @@ def _yaml() -> YAML:
     return y
 
 
+def _fail(file: str, line: int | None, message: str) -> ConfigError:
+    return ConfigError([ConfigProblem(file, line, message)])
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse one YAML file keeping line information; syntax errors become ConfigError."""
+    """Parse one YAML file keeping line information.
+
+    Every way a file can be unreadable (missing, a directory, not UTF-8, bad YAML syntax, a
+    duplicate key, a tab) becomes a ConfigError with one located problem, never a traceback.
+    """
+    file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigProblem(str(path), None, f"cannot read: {exc}")]) from exc
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _fail(file, None, "file not found") from None
+    except IsADirectoryError:
+        raise _fail(file, None, "is a directory, not a YAML file") from None
+    except OSError as exc:
+        raise _fail(file, None, f"cannot read: {exc.strerror or exc}") from exc
     try:
-        return _yaml().load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _fail(
+            file, line, f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", YAMLWarning)
+            doc = _yaml().load(text)
+    except DuplicateKeyError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        problem = str(exc.problem or "").removeprefix("found ")
+        raise _fail(file, line, f"{problem}; each key may appear once") from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        msg = " ".join(str(x) for x in (exc.context, exc.problem) if x)
-        raise ConfigError([ConfigProblem(str(path), line, f"YAML syntax: {msg}")]) from exc
+        problem = str(exc.problem or exc.context or "invalid YAML")
+        if "'\\t'" in problem and mark is not None:
+            msg = f"tab character at column {mark.column + 1}; YAML must be indented with spaces"
+        elif "another document" in problem:
+            msg = "a second YAML document ('---'); the file must hold exactly one"
+        else:
+            msg = f"YAML syntax: {problem}"
+            ctx = exc.context_mark
+            if exc.context and ctx is not None and ctx.line + 1 != line:
+                msg += f" ({exc.context} started at line {ctx.line + 1})"
+        raise _fail(file, line, msg) from None
     except Exception as exc:  # ruamel raises several unrelated types for bad input
-        raise ConfigError([ConfigProblem(str(path), None, f"YAML error: {exc}")]) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _fail(file, None, f"YAML error: {first}") from exc
+    for w in caught:
+        if issubclass(w.category, YAMLWarning):
+            # e.g. an anchor defined twice: legal YAML, but an alias then silently means the last
+            text_ = str(w.message)
+            lines = [int(n) for n in re.findall(r"\(line: (\d+)\)", text_)]
+            first = next((ln.strip() for ln in text_.splitlines() if ln.strip()), "warning")
+            again = f" (first at line {lines[0]})" if len(lines) > 1 else ""
+            raise _fail(file, lines[-1] if lines else None, f"YAML: {first}{again}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours to hide
+    return doc
 
 
-def resolve(doc: Any, loc: Iterable[Any]) -> tuple[int | None, list[str]]:
-    """Follow ``loc`` into ``doc``: the 1-based line of the deepest node reached and the path
-    parts actually present in the document (pydantic adds union tags that are not)."""
+def _display_path(path: Path) -> Path:
+    """``path`` without ``..`` parts: relative to the working directory if below it."""
+    real = path.resolve()
+    try:
+        return real.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return real
+
+
+def _require_mapping(file: str, doc: Any, what: str) -> None:
+    """An empty file, a list or a scalar is one clear problem, not a cascade of others."""
+    if isinstance(doc, Mapping):
+        return
+    if doc is None:
+        raise _fail(file, 1, f"the {what} is empty; it must be a mapping of keys")
+    line = doc.lc.line + 1 if hasattr(doc, "lc") else 1
+    kind = "a list" if isinstance(doc, list) else f"a single value ({_show(doc)})"
+    raise _fail(file, line, f"the {what} must be a mapping of keys, not {kind}")
+
+
+def _locate(doc: Any, loc: Iterable[Any]) -> tuple[int | None, list[Any]]:
+    """``resolve`` with the path parts kept as they are in the document (str or int)."""
     line: int | None = None
-    path: list[str] = []
+    path: list[Any] = []
     node = doc
     lc = getattr(node, "lc", None)
     if lc is not None:
@@ -318,17 +413,24 @@ def resolve(doc: Any, loc: Iterable[Any]) -> tuple[int | None, list[str]]:
             if lc is not None:
                 line = lc.key(part)[0] + 1
             node = node[part]
-            path.append(str(part))
+            path.append(part)
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             if lc is not None:
                 line = lc.item(part)[0] + 1
             node = node[part]
-            path.append(str(part))
+            path.append(part)
         elif isinstance(node, (Mapping, list)):
             continue  # a union tag or a missing key: stay on this node
         else:
             break
     return line, path
+
+
+def resolve(doc: Any, loc: Iterable[Any]) -> tuple[int | None, list[str]]:
+    """Follow ``loc`` into ``doc``: the 1-based line of the deepest node reached and the path
+    parts actually present in the document (pydantic adds union tags that are not)."""
+    line, path = _locate(doc, loc)
+    return line, [str(p) for p in path]
 
 
 def line_of(doc: Any, loc: Iterable[Any]) -> int | None:
@@ -345,205 +447,583 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def validation_problems(file: str, doc: Any, exc: ValidationError) -> list[ConfigProblem]:
-    """Translate pydantic errors into located, readable problems."""
-    problems = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        line, path = resolve(doc, loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{loc[-1]}'"
+# --- messages ------------------------------------------------------------------------------
+
+
+def _where(doc: Any, path: list[Any]) -> str:
+    """A path as a site engineer reads it: ``rules[close-station-1].terminate_on[0].when``."""
+    out = ""
+    node = doc
+    for i, part in enumerate(path):
+        child = node[part] if isinstance(node, (Mapping, list)) else None
+        if isinstance(part, int):
+            name = child.get("name") if i == 1 and path[0] == "rules" and isinstance(child, Mapping) else None
+            out += f"[{name}]" if isinstance(name, str) and name else f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+        node = child
+    return out
+
+
+def _show(value: Any) -> str:
+    """A bad value as the user wrote it in YAML, shortened."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = repr(str(value))
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+_UNIT_SUFFIX = re.compile(r"_(secs|ms|mb|bytes|g)$")
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The known name a typo most likely meant (unit suffixes ignored), or None."""
+    best, best_score = None, 0.0
+    for c in choices:
+        score = max(
+            difflib.SequenceMatcher(None, word, c).ratio(),
+            difflib.SequenceMatcher(None, word, _UNIT_SUFFIX.sub("", c)).ratio(),
+        )
+        if score > best_score:
+            best, best_score = c, score
+    return best if best_score >= 0.6 else None
+
+
+def _unknown(what: str, value: str, known: Iterable[str], noun: str) -> str:
+    """"no X 'v' (did you mean 'w'?)" or "no X 'v' (known: a, b)"."""
+    known = sorted(known)
+    guess = closest(value, known)
+    if guess is not None:
+        return f"{what} '{value}' (did you mean '{guess}'?)"
+    if not known:
+        return f"{what} '{value}' ({noun} is empty)"
+    shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+    return f"{what} '{value}' ({noun}: {shown})"
+
+
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _tags(model: type[BaseModel]) -> tuple[Any, ...]:
+    kind = model.model_fields.get("kind")
+    return get_args(_unwrap(kind.annotation)) if kind is not None else ()
+
+
+def _union_members(tp: Any) -> list[Any] | None:
+    if get_origin(tp) in (Union, UnionType):
+        return [_unwrap(a) for a in get_args(tp) if a is not type(None)]
+    return None
+
+
+def _model_at(root: Any, loc: Iterable[Any]) -> type[BaseModel] | None:
+    """The model class that pydantic's error ``loc`` points into (for key suggestions)."""
+    tp = _unwrap(root)
+    for part in loc:
+        members = _union_members(tp)
+        if members is not None:
+            tagged = [m for m in members if _is_model(m) and part in _tags(m)]
+            if tagged:
+                tp = tagged[0]
+                continue
+            if len(members) != 1:
+                return None
+            tp = members[0]
+        if _is_model(tp):
+            if part in _tags(tp) and part not in tp.model_fields:
+                continue  # the tag of a one-member discriminated union
+            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
+            f = fields.get(part) or tp.model_fields.get(part)
+            if f is None:
+                return None
+            tp = _unwrap(f.annotation)
+        elif get_origin(tp) is dict:
+            tp = _unwrap(get_args(tp)[1])
+        elif get_origin(tp) is list:
+            tp = _unwrap(get_args(tp)[0])
+        else:
+            return None
+    members = _union_members(tp)
+    if members is not None and len(members) == 1:
+        tp = members[0]
+    return tp if _is_model(tp) else None
+
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+_PATTERNS = {
+    NAME_RE: "a name of letters, digits, '_', '.' or '-' (at most 64, starting with a letter "
+    "or digit)",
+    r"^[a-z][a-z0-9_]{0,63}$": "lower_snake_case (a-z, 0-9, '_'; starting with a letter)",
+    r"^https?://": "a URL starting with http:// or https://",
+}
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dict_type": "a mapping of keys",
+    "model_type": "a mapping of keys",
+    "model_attributes_type": "a mapping of keys",
+    "list_type": "a list",
+    "path_type": "a file path",
+}
+
+
+def _expected(err: Mapping[str, Any]) -> str | None:
+    """What the value must be, as a noun phrase, for type-like errors."""
+    t, ctx = err["type"], err.get("ctx") or {}
+    if t == "string_pattern_mismatch":
+        return _PATTERNS.get(ctx.get("pattern", ""), f"text matching {ctx.get('pattern')}")
+    if t == "literal_error":
+        return f"one of {ctx['expected']}" if " or " in ctx.get("expected", "") else ctx.get("expected")
+    return _EXPECTED.get(t)
+
+
+def _message(err: Mapping[str, Any], root: Any, loc: list[Any]) -> str:
+    t, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    got = f" (got {_show(value)})"
+    if t == "extra_forbidden":
+        model = _model_at(root, loc[:-1])
+        key = str(loc[-1])
+        known = _keys_of(model) if model else []
+        if not known:
+            return f"unknown key '{key}'"
+        return _unknown("unknown key", key, known, "allowed keys")
+    if t == "missing":
+        return f"missing required key '{loc[-1]}'"
+    if t == "union_tag_invalid":
+        disc = ctx.get("discriminator", "'kind'").strip("'")
+        tags = str(ctx.get("expected_tags", ""))
+        allowed = f"one of {tags}" if "," in tags else tags
+        return f"unknown {disc} '{ctx.get('tag')}' (must be {allowed})"
+    if t == "union_tag_not_found":
+        disc = ctx.get("discriminator", "'kind'").strip("'")
+        return f"missing required key '{disc}'"
+    if loc and loc[-1] == "[key]":
+        what = _expected(err) or err["msg"]
+        return f"key {_show(value)} must be {what}"
+    if t in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        words = {"greater_than_equal": "at least", "greater_than": "greater than",
+                 "less_than_equal": "at most", "less_than": "less than"}[t]
+        bound = ctx.get({"greater_than_equal": "ge", "greater_than": "gt",
+                         "less_than_equal": "le", "less_than": "lt"}[t])
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {words} {bound}{got}"
+    if t in ("too_short", "string_too_short"):
+        n = ctx.get("min_length", 1)
+        if t == "string_too_short":
+            return "must not be empty" if n == 1 else f"must be at least {n} characters long"
+        return f"must have at least {n} entr{'y' if n == 1 else 'ies'}" + (
+            "" if isinstance(value, (Mapping, list)) else got
+        )
+    if t in ("too_long", "string_too_long"):
+        n = ctx.get("max_length")
+        unit = "characters" if t == "string_too_long" else "entries"
+        return f"must have at most {n} {unit}"
+    if t == "value_error":
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        return msg if isinstance(value, (Mapping, list)) else f"{msg}{got}"
+    expected = _expected(err)
+    if expected is not None:
+        return f"must be {expected}{got}"
+    return str(err["msg"]).replace("Input should be", "must be", 1) + got
+
+
+def _schema_problems(
+    file: str, doc: Any, errors: list[Any], root: Any, prefix: tuple[Any, ...] = ()
+) -> list[tuple[ConfigProblem, tuple[Any, ...]]]:
+    """pydantic errors of ``root`` validated at ``prefix`` of ``doc`` -> (problem, doc path).
+
+    The errors of one union (``Name | list[Name]``) collapse into one "must be X or Y".
+    """
+    out: list[tuple[ConfigProblem, tuple[Any, ...]]] = []
+    union_seen: dict[tuple[Any, ...], int] = {}
+    for err in errors:
+        loc = [*prefix, *err["loc"]]
+        line, path = _locate(doc, loc)
+        if err["type"] == "extra_forbidden" or loc[-1] == "[key]":
             path = path[:-1]
-        elif err["type"] == "missing":
-            msg = f"missing required key '{loc[-1]}'"
-        elif "input" in err and err["type"] not in ("model_type", "dict_type", "list_type"):
-            msg = f"{msg} (got {err['input']!r})"
-        where = ".".join(path)
-        problems.append(ConfigProblem(file, line, f"{where}: {msg}" if where else msg))
-    return problems
+        msg = _message(err, root, loc)
+        # two type errors on one value come from the members of a union (Name | list[Name])
+        key = tuple(path)
+        if _expected(err) is not None and " (got " in msg:
+            if key in union_seen:
+                i = union_seen[key]
+                old = out[i][0]
+                head, _, tail = old.message.partition(" (got ")
+                extra = _expected(err)
+                out[i] = (ConfigProblem(file, line, f"{head} or {extra} (got {tail}"), key)
+                continue
+            union_seen[key] = len(out)
+        where = _where(doc, path)
+        out.append((ConfigProblem(file, line, f"{where}: {msg}" if where else msg), key))
+    return out
+
+
+def validation_problems(
+    file: str, doc: Any, exc: ValidationError, model: Any = None
+) -> list[ConfigProblem]:
+    """Translate pydantic errors into located, readable problems.
+
+    ``model`` is the validated type; when given, an unknown key gets a "did you mean" hint.
+    """
+    return [p for p, _ in _schema_problems(file, doc, exc.errors(), model)]
+
+
+def _sorted(problems: Iterable[ConfigProblem]) -> list[ConfigProblem]:
+    """By file, then line; exact repeats dropped (one device per input may say it twice)."""
+    unique = list(dict.fromkeys(problems))
+    return sorted(unique, key=lambda p: (p.file, p.line or 0))
+
+
+# --- the site loader -----------------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {"brokers": dict, "devices": dict, "rules": list, "sinks": dict}
+META_FIELDS = {"device", "time"}  # ${input.device}, ${input.time}: see rules/base.py
+REF_RE = re.compile(r"\$\{([^}]*)\}")
+BUILTIN_REFS = {"key", "rule", "reason", "missing", "site"}
+
+
+@functools.cache
+def _adapter(section: str) -> TypeAdapter[Any]:
+    tp = SiteConfig.model_fields[section].annotation
+    if _SECTIONS[section] is list:
+        tp = get_args(tp)[0]  # rules are validated one list item at a time
+    return TypeAdapter(tp)
+
+
+def _rule_types(rule: Any) -> tuple[list[str], bool]:
+    """Event types a raw rule emits, and whether all of them could be read."""
+    if not isinstance(rule, Mapping):
+        return [], False
+    specs = [rule.get("emit")] + ([rule["on_timeout"]] if rule.get("on_timeout") is not None else [])
+    terms = rule.get("terminate_on", [])
+    specs += [t.get("emit") if isinstance(t, Mapping) else None for t in _as_list(terms)]
+    types = [s["type"] for s in specs if isinstance(s, Mapping) and isinstance(s.get("type"), str)]
+    return types, len(types) == len(specs)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+class _SiteCheck:
+    """One run of load_site: collects every problem, then the loader decides."""
+
+    def __init__(self, path: Path, doc: Mapping[str, Any]):
+        self.file = str(path)
+        self.base = path.parent
+        self.doc = doc
+        self.raw: dict[str, Any] = _plain(doc)
+        self.problems: list[ConfigProblem] = []
+        self.bad: set[tuple[Any, ...]] = set()  # doc paths that already have a schema problem
+
+    def add(self, loc: tuple[Any, ...], message: str) -> None:
+        line, path = _locate(self.doc, loc)
+        if len(path) == len(loc) and tuple(path) in self.bad:
+            return  # the value is already reported as malformed; do not pile on
+        where = _where(self.doc, path)
+        self.problems.append(ConfigProblem(self.file, line, f"{where}: {message}"))
+
+    def section(self, name: str) -> Mapping[Any, Any] | list[Any]:
+        v = self.raw.get(name)
+        return v if isinstance(v, _SECTIONS[name]) else _SECTIONS[name]()
+
+    def schema(self, errors: list[Any], root: Any, prefix: tuple[Any, ...] = ()) -> None:
+        for problem, path in _schema_problems(self.file, self.doc, errors, root, prefix):
+            self.problems.append(problem)
+            self.bad.add(path)
+
+    # --- schema, piece by piece ---------------------------------------------------------
+
+    def validate_schema(self) -> None:
+        ctx = {_LOADER: True}
+        top = {
+            k: (_SECTIONS[k]() if k in _SECTIONS and isinstance(v, _SECTIONS[k]) else v)
+            for k, v in self.raw.items()
+        }
+        try:
+            SiteConfig.model_validate(top, context=ctx)
+        except ValidationError as exc:
+            self.schema(exc.errors(), SiteConfig)
+        for name, kind in _SECTIONS.items():
+            section = self.raw.get(name)
+            if not isinstance(section, kind):
+                continue  # reported above as the wrong type
+            items = section.items() if isinstance(section, dict) else enumerate(section)
+            for key, value in items:
+                adapter = _adapter(name)
+                try:
+                    if kind is dict:
+                        adapter.validate_python({key: value}, context=ctx)
+                    else:
+                        adapter.validate_python(value, context=ctx)
+                except ValidationError as exc:
+                    self.schema(exc.errors(), SiteConfig, (name,) if kind is dict else (name, key))
+
+    # --- references, on the raw document so broken neighbours do not hide them ----------
+
+    def check_references(self) -> tuple[dict[str, Any], set[str]]:
+        from .profiles import load_profiles  # profiles import config models; avoid a cycle
+
+        brokers = self.section("brokers")
+        devices = self.section("devices")
+        rules = self.section("rules")
+        sinks = self.section("sinks")
+        assert isinstance(brokers, dict) and isinstance(devices, dict)
+        assert isinstance(rules, list) and isinstance(sinks, dict)
+
+        for name, b in brokers.items():
+            if isinstance(b, Mapping):
+                self.check_file(("brokers", name, "password_file"), b.get("password_file"))
+                if b.get("password_file") is not None and b.get("username") is None:
+                    self.add(("brokers", name, "password_file"),
+                             "a password is only sent with a username; set 'username' too")
+
+        # profiles: load the ones devices name; a broken profile file is reported in itself
+        profiles_dir = self.profiles_dir()
+        wanted = {
+            d["profile"]
+            for d in devices.values()
+            if isinstance(d, Mapping) and isinstance(d.get("profile"), str)
+            and re.match(NAME_RE, d["profile"])
+        }
+        profiles: dict[str, Any] = {}
+        available: list[str] = []
+        if profiles_dir is not None:
+            available = sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+            profiles, profile_problems = load_profiles(profiles_dir, wanted)
+            self.problems += profile_problems
+
+        for dev_id, d in devices.items():
+            if not isinstance(d, Mapping):
+                continue
+            prof_name = d.get("profile")
+            if isinstance(prof_name, str) and profiles_dir is not None and prof_name not in available:
+                self.add(("devices", dev_id, "profile"),
+                         _unknown("no profile", prof_name, available, f"profiles in {_display_path(profiles_dir)}"))
+            conn = d.get("connection")
+            if isinstance(conn, Mapping):
+                broker = conn.get("broker")
+                if isinstance(broker, str) and broker not in brokers:
+                    self.add(("devices", dev_id, "connection", "broker"),
+                             _unknown("no broker", broker, map(str, brokers), "brokers"))
+                prof = profiles.get(prof_name) if isinstance(prof_name, str) else None
+                kind = conn.get("kind")
+                if prof is not None and isinstance(kind, str) and prof.protocol != kind:
+                    self.add(("devices", dev_id, "connection", "kind"),
+                             f"profile '{prof_name}' speaks {prof.protocol}, the connection is {kind}")
+
+        seen_rules: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, Mapping):
+                continue
+            name = rule.get("name")
+            if isinstance(name, str):
+                if name in seen_rules:
+                    first = line_of(self.doc, ("rules", seen_rules[name], "name"))
+                    self.add(("rules", i, "name"),
+                             f"rule name '{name}' is already used at line {first}; names must be unique")
+                else:
+                    seen_rules[name] = i
+            self.check_rule(i, rule, devices, profiles)
+
+        emitted: set[str] = set()
+        complete = isinstance(self.raw.get("rules", []), list)
+        for r in rules:
+            types, readable = _rule_types(r)
+            emitted.update(types)
+            complete = complete and readable
+        for name, s in sinks.items():
+            if not isinstance(s, Mapping):
+                continue
+            broker = s.get("broker")
+            if s.get("kind") == "mqtt" and isinstance(broker, str) and broker not in brokers:
+                self.add(("sinks", name, "broker"),
+                         _unknown("no broker", broker, map(str, brokers), "brokers"))
+            if s.get("kind") == "http":
+                self.check_file(("sinks", name, "bearer_token_file"), s.get("bearer_token_file"))
+            types = s.get("event_types")
+            if isinstance(types, list) and complete:  # else a broken rule may emit it
+                for j, t in enumerate(types):
+                    if isinstance(t, str) and t not in emitted:
+                        self.add(("sinks", name, "event_types", j),
+                                 _unknown("no rule emits", t, emitted, "rules emit"))
+        return profiles, wanted
+
+    def profiles_dir(self) -> Path | None:
+        value = self.raw.get("profiles_dir", SiteConfig.model_fields["profiles_dir"].default)
+        if not isinstance(value, (str, Path)) or ("profiles_dir",) in self.bad:
+            return None
+        p = Path(value)
+        p = p if p.is_absolute() else self.base / p
+        if not p.is_dir():
+            where = ("profiles_dir",) if "profiles_dir" in self.raw else ()
+            line = line_of(self.doc, where) if where else 1
+            self.problems.append(ConfigProblem(
+                self.file, line, f"profiles_dir: no directory {_display_path(p)}"
+                + ("" if where else " (the default; set profiles_dir)")))
+            return None
+        return p
+
+    def check_file(self, loc: tuple[Any, ...], value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            return
+        p = Path(value)
+        p = p if p.is_absolute() else self.base / p
+        if not p.is_file():
+            self.add(loc, f"no such file {_display_path(p)}")
+
+    def check_rule(
+        self, i: int, rule: Mapping[str, Any], devices: Mapping[Any, Any], profiles: Mapping[str, Any]
+    ) -> None:
+        inputs = rule.get("inputs")
+        inputs = inputs if isinstance(inputs, Mapping) else {}
+        key = rule.get("key")
+        # input name -> [(profile name, event spec)] for every device of the input we could read
+        events: dict[str, list[tuple[str, Any]]] = {}
+        for in_name, spec in inputs.items():
+            events[in_name] = []
+            if not isinstance(spec, Mapping):
+                continue
+            ev_name = spec.get("event")
+            devs = spec.get("device")
+            for j, dev_id in enumerate(_as_list(devs)):
+                dloc = ("rules", i, "inputs", in_name, "device") + ((j,) if isinstance(devs, list) else ())
+                if not isinstance(dev_id, str):
+                    continue
+                d = devices.get(dev_id)
+                if d is None:
+                    self.add(dloc, _unknown("no device", dev_id, map(str, devices), "devices"))
+                    continue
+                prof_name = d.get("profile") if isinstance(d, Mapping) else None
+                prof = profiles.get(prof_name) if isinstance(prof_name, str) else None
+                if prof is None or not isinstance(ev_name, str):
+                    continue
+                ev = prof.events.get(ev_name)
+                if ev is None:
+                    self.add(("rules", i, "inputs", in_name, "event"),
+                             _unknown(f"profile '{prof_name}' has no event", ev_name, prof.events, "it has"))
+                    continue
+                events[in_name].append((f"{prof_name}.{ev_name}", ev))
+                if isinstance(key, str) and key not in ev.fields:
+                    self.add(("rules", i, "key"),
+                             _unknown(f"{prof_name}.{ev_name} (input '{in_name}') has no field",
+                                      key, ev.fields, "its fields"))
+
+        terms = rule.get("terminate_on")
+        for j, t in enumerate(terms if isinstance(terms, list) else []):
+            if not isinstance(t, Mapping):
+                continue
+            inp = t.get("input")
+            if isinstance(inp, str) and inputs and inp not in inputs:
+                self.add(("rules", i, "terminate_on", j, "input"),
+                         _unknown("no input", inp, inputs, "inputs"))
+            when = t.get("when")
+            fld = when.get("field") if isinstance(when, Mapping) else None
+            if isinstance(inp, str) and isinstance(fld, str):
+                for label, ev in events.get(inp, []):
+                    if fld not in ev.fields:
+                        self.add(("rules", i, "terminate_on", j, "when", "field"),
+                                 _unknown(f"{label} has no field", fld, ev.fields, "its fields"))
+        timeout = rule.get("on_timeout")
+        reasons = timeout.get("reasons") if isinstance(timeout, Mapping) else None
+        if isinstance(reasons, Mapping) and inputs:
+            for inp in reasons:
+                if inp not in inputs:
+                    self.add(("rules", i, "on_timeout", "reasons", inp),
+                             _unknown("no input", str(inp), inputs, "inputs"))
+
+        specs: list[tuple[tuple[Any, ...], Any]] = [(("emit",), rule.get("emit"))]
+        specs += [(("terminate_on", j, "emit"), t.get("emit"))
+                  for j, t in enumerate(terms if isinstance(terms, list) else [])
+                  if isinstance(t, Mapping)]
+        specs.append((("on_timeout",), timeout))
+        for loc, spec in specs:
+            if not isinstance(spec, Mapping):
+                continue
+            items = [(("subject",), spec.get("subject"))]
+            data = spec.get("data")
+            if isinstance(data, Mapping):
+                items += [(("data", k), v) for k, v in data.items()]
+            for sub, value in items:
+                if isinstance(value, str):
+                    self.check_template(("rules", i, *loc, *sub), value, inputs, events)
+
+    def check_template(
+        self, loc: tuple[Any, ...], value: str, inputs: Mapping[str, Any],
+        events: Mapping[str, list[tuple[str, Any]]],
+    ) -> None:
+        """Every ${...} must be a builtin or ${input.field} of a field the input's profile has."""
+        if value.count("${") != len(REF_RE.findall(value)):
+            self.add(loc, f"unclosed '${{' in template {_show(value)}")
+        for ref in REF_RE.findall(value):
+            if ref in BUILTIN_REFS:
+                continue
+            inp, dot, fld = ref.partition(".")
+            if not dot:
+                if inp in inputs:
+                    self.add(loc, f"'${{{ref}}}' names an input, not a field; use "
+                                  f"'${{{inp}.<field>}}'")
+                else:
+                    guess = closest(ref, [*BUILTIN_REFS, *inputs])
+                    hint = (f"did you mean '${{{guess}}}'?" if guess in BUILTIN_REFS
+                            else f"did you mean '${{{guess}.<field>}}'?" if guess
+                            else "use ${input.field} or one of ${key}, ${rule}, ${reason}, "
+                                 "${missing}, ${site}")
+                    self.add(loc, f"unknown reference '${{{ref}}}' ({hint})")
+                continue
+            if inp not in inputs:
+                if inputs:
+                    self.add(loc, f"'${{{ref}}}': " + _unknown("no input", inp, inputs, "inputs"))
+                continue
+            for label, ev in events.get(inp, []):
+                if fld not in ev.fields and fld not in META_FIELDS:
+                    self.add(loc, _unknown(f"'${{{ref}}}': {label} has no field", fld,
+                                           [*ev.fields, *META_FIELDS], "it has"))
 
 
 def load_site(path: str | Path) -> tuple[SiteConfig, dict[str, Any]]:
     """Load and fully validate a site file and the profiles it uses.
 
     Returns the site model and the profiles it references by name. Raises ConfigError with
-    every problem found, across the site file and all profile files.
+    every problem found, across the site file and all profile files, sorted by file and line:
+    schema problems and reference problems together, never only the first kind.
     """
-    from .profiles import load_profiles  # profiles import config models; avoid a cycle
-
     path = Path(path)
-    doc = read_yaml(path)
     file = str(path)
-    if not isinstance(doc, Mapping):
-        raise ConfigError([ConfigProblem(file, 1, "the site file must be a mapping of keys")])
+    doc = read_yaml(path)
+    _require_mapping(file, doc, "site file")
+    check = _SiteCheck(path, doc)
+    check.validate_schema()
+    profiles, wanted = check.check_references()
+    if check.problems:
+        raise ConfigError(_sorted(check.problems))
     try:
-        site = SiteConfig.model_validate(_plain(doc))
-    except ValidationError as exc:
-        raise ConfigError(validation_problems(file, doc, exc)) from None
-
-    problems: list[ConfigProblem] = []
-    base = path.parent
-    profiles_dir = site.profiles_dir if site.profiles_dir.is_absolute() else base / site.profiles_dir
-    wanted = {d.profile for d in site.devices.values()}
-    profiles, profile_problems = load_profiles(profiles_dir, wanted)
-    problems += profile_problems
-
-    def at(*loc: Any) -> int | None:
-        return line_of(doc, loc)
-
-    for dev_id, dev in site.devices.items():
-        if dev.profile not in profiles and not any(
-            p.file.endswith(f"{dev.profile}.yaml") for p in profile_problems
-        ):
-            problems.append(
-                ConfigProblem(
-                    file,
-                    at("devices", dev_id, "profile"),
-                    f"devices.{dev_id}.profile: no profile '{dev.profile}' in {profiles_dir}",
-                )
-            )
-        conn = dev.connection
-        if conn.broker not in site.brokers:
-            problems.append(
-                ConfigProblem(
-                    file,
-                    at("devices", dev_id, "connection", "broker"),
-                    f"devices.{dev_id}.connection.broker: no broker '{conn.broker}' in brokers",
-                )
-            )
-        prof = profiles.get(dev.profile)
-        if prof is not None and prof.protocol != conn.kind:
-            problems.append(
-                ConfigProblem(
-                    file,
-                    at("devices", dev_id, "connection", "kind"),
-                    f"devices.{dev_id}: profile '{dev.profile}' speaks {prof.protocol}, "
-                    f"the connection is {conn.kind}",
-                )
-            )
-
-    for i, rule in enumerate(site.rules):
-        for in_name, spec in rule.inputs.items():
-            devs = [spec.device] if isinstance(spec.device, str) else spec.device
-            for dev_id in devs:
-                dev = site.devices.get(dev_id)
-                if dev is None:
-                    problems.append(
-                        ConfigProblem(
-                            file,
-                            at("rules", i, "inputs", in_name, "device"),
-                            f"rules[{rule.name}].inputs.{in_name}: no device '{dev_id}' in devices",
-                        )
-                    )
-                    continue
-                prof = profiles.get(dev.profile)
-                if prof is None:
-                    continue
-                ev = prof.events.get(spec.event)
-                if ev is None:
-                    problems.append(
-                        ConfigProblem(
-                            file,
-                            at("rules", i, "inputs", in_name, "event"),
-                            f"rules[{rule.name}].inputs.{in_name}: profile '{dev.profile}' has "
-                            f"no event '{spec.event}' (it has: {', '.join(sorted(prof.events))})",
-                        )
-                    )
-                    continue
-                if rule.key not in ev.fields:
-                    problems.append(
-                        ConfigProblem(
-                            file,
-                            at("rules", i, "key"),
-                            f"rules[{rule.name}]: key '{rule.key}' is not a field of "
-                            f"{dev.profile}.{spec.event}",
-                        )
-                    )
-                problems += _check_templates(file, doc, i, rule, in_name, ev.fields, dev.profile)
-
-    for name, sink in site.sinks.items():
-        if isinstance(sink, MqttSinkConfig) and sink.broker not in site.brokers:
-            problems.append(
-                ConfigProblem(
-                    file,
-                    at("sinks", name, "broker"),
-                    f"sinks.{name}.broker: no broker '{sink.broker}' in brokers",
-                )
-            )
-        if isinstance(sink, HttpSinkConfig) and sink.bearer_token_file is not None:
-            p = sink.bearer_token_file
-            p = p if p.is_absolute() else base / p
-            if not p.is_file():
-                problems.append(
-                    ConfigProblem(
-                        file,
-                        at("sinks", name, "bearer_token_file"),
-                        f"sinks.{name}.bearer_token_file: no such file {p}",
-                    )
-                )
-        known_types = {t for r in site.rules for t in _emitted_types(r)}
-        for j, t in enumerate(sink.event_types or []):
-            if t not in known_types:
-                problems.append(
-                    ConfigProblem(
-                        file,
-                        at("sinks", name, "event_types", j),
-                        f"sinks.{name}.event_types: no rule emits '{t}' "
-                        f"(rules emit: {', '.join(sorted(known_types)) or 'nothing'})",
-                    )
-                )
-    if problems:
-        raise ConfigError(problems)
+        site = SiteConfig.model_validate(check.raw, context={_LOADER: True})
+    except ValidationError as exc:  # a safety net: the piecewise checks should have seen it
+        raise ConfigError(_sorted(validation_problems(file, doc, exc, SiteConfig))) from None
     return site, {name: profiles[name] for name in wanted if name in profiles}
-
-
-def _emitted_types(rule: CorrelateRule) -> list[str]:
-    types = [rule.emit.type] + [t.emit.type for t in rule.terminate_on]
-    if rule.on_timeout:
-        types.append(rule.on_timeout.type)
-    return types
-
-
-REF_RE = re.compile(r"\$\{([^}]*)\}")
-BUILTIN_REFS = {"key", "rule", "reason", "missing", "site"}
-
-
-def _check_templates(
-    file: str, doc: Any, i: int, rule: CorrelateRule, in_name: str, fields: Mapping[str, Any], profile: str
-) -> list[ConfigProblem]:
-    """Every ${input.field} reference to this input must name a field its profile decodes."""
-    problems = []
-    specs: list[tuple[tuple[Any, ...], Any]] = [(("emit",), rule.emit)]
-    specs += [(("terminate_on", j, "emit"), t.emit) for j, t in enumerate(rule.terminate_on)]
-    if rule.on_timeout:
-        specs.append((("on_timeout",), rule.on_timeout))
-    meta = {"device", "time", "received_at", "msg_id"}
-    for loc, spec in specs:
-        items = [("subject", spec.subject)] + [(f"data.{k}", v) for k, v in spec.data.items()]
-        for where, value in items:
-            if not isinstance(value, str):
-                continue
-            for ref in REF_RE.findall(value):
-                if ref in BUILTIN_REFS:
-                    continue
-                inp, _, fld = ref.partition(".")
-                if inp not in rule.inputs:
-                    if in_name == next(iter(rule.inputs)):  # report once per rule
-                        problems.append(
-                            ConfigProblem(
-                                file,
-                                line_of(doc, ("rules", i, *loc, *where.split("."))),
-                                f"rules[{rule.name}]: '${{{ref}}}' names no input "
-                                f"(inputs: {', '.join(rule.inputs)})",
-                            )
-                        )
-                elif inp == in_name and fld not in fields and fld not in meta:
-                    problems.append(
-                        ConfigProblem(
-                            file,
-                            line_of(doc, ("rules", i, *loc, *where.split("."))),
-                            f"rules[{rule.name}]: '${{{ref}}}': {profile} has no field '{fld}'",
-                        )
-                    )
-    return problems

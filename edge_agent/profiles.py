@@ -10,14 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
-from .config import Model, Name, _plain, read_yaml, validation_problems
+from .config import (
+    _LOADER,
+    Model,
+    Name,
+    _checked_by_loader,
+    _display_path,
+    _locate,
+    _unknown,
+    _where,
+    _plain,
+    _require_mapping,
+    read_yaml,
+    validation_problems,
+)
 from .errors import ConfigError, ConfigProblem, PayloadError
 
 FieldType = Literal["string", "int", "float", "bool"]
@@ -30,6 +43,14 @@ class FieldSpec(Model):
     max_length: int = Field(256, ge=1, description="Longest accepted string.")
     min: float | None = Field(None, description="Smallest accepted number.")
     max: float | None = Field(None, description="Largest accepted number.")
+
+    @model_validator(mode="after")
+    def _range(self) -> FieldSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is greater than max {self.max:g}")
+        if self.type in ("string", "bool") and (self.min is not None or self.max is not None):
+            raise ValueError(f"min and max apply to int and float fields, not {self.type}")
+        return self
 
 
 class TimeSpec(Model):
@@ -45,14 +66,16 @@ class MqttEventSpec(Model):
     max_payload_bytes: int = Field(16_384, ge=16, le=1_048_576, description="Larger is malformed.")
     id_fields: list[str] = Field(
         default_factory=list,
-        description="Fields that identify one message (e.g. a sequence number), used to drop "
-        "redeliveries; empty = the payload's hash.",
+        description="Fields that identify one message (e.g. a sequence number), used with the "
+        "device time to drop redeliveries; empty = the payload's hash.",
     )
     time: TimeSpec | None = Field(None, description="Device timestamp; absent = arrival time.")
     fields: dict[Name, FieldSpec] = Field(min_length=1, description="Fields decoded from the payload.")
 
     @model_validator(mode="after")
-    def _id_fields_known(self) -> MqttEventSpec:
+    def _id_fields_known(self, info: ValidationInfo) -> MqttEventSpec:
+        if _checked_by_loader(info):
+            return self  # load_profile reports these with the exact line
         for f in self.id_fields:
             if f not in self.fields:
                 raise ValueError(f"id_fields names '{f}', which is not in fields")
@@ -69,11 +92,39 @@ class Profile(Model):
 
 
 def load_profile(path: Path) -> Profile:
+    """Load one profile file; every problem is located in that file (ConfigError)."""
+    file = str(path)
     doc = read_yaml(path)
+    _require_mapping(file, doc, "profile file")
+    problems = _reference_problems(file, doc)
     try:
-        return Profile.model_validate(_plain(doc))
+        profile = Profile.model_validate(_plain(doc), context={_LOADER: True})
     except ValidationError as exc:
-        raise ConfigError(validation_problems(str(path), doc, exc)) from None
+        problems += validation_problems(file, doc, exc, Profile)
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: p.line or 0))
+    return profile
+
+
+def _reference_problems(file: str, doc: Any) -> list[ConfigProblem]:
+    """id_fields must name decoded fields; checked on the raw file so that a bad field
+    elsewhere in the same event does not hide it."""
+    problems = []
+    events = doc.get("events")
+    for ev_name, ev in events.items() if isinstance(events, Mapping) else ():
+        if not isinstance(ev, Mapping):
+            continue
+        fields = ev.get("fields")
+        ids = ev.get("id_fields")
+        if not isinstance(fields, Mapping) or not isinstance(ids, list):
+            continue
+        for j, f in enumerate(ids):
+            if isinstance(f, str) and f not in fields:
+                loc = ("events", ev_name, "id_fields", j)
+                line, at = _locate(doc, loc)
+                msg = _unknown("no field", f, map(str, fields), "fields")
+                problems.append(ConfigProblem(file, line, f"{_where(doc, at)}: {msg}"))
+    return problems
 
 
 def load_profiles(
@@ -86,7 +137,7 @@ def load_profiles(
         return profiles, [ConfigProblem(str(directory), None, "profiles directory does not exist")]
     names = sorted(wanted) if wanted is not None else sorted(p.stem for p in directory.glob("*.yaml"))
     for name in names:
-        path = directory / f"{name}.yaml"
+        path = _display_path(directory / f"{name}.yaml")  # not site/../device_profiles/x.yaml
         if not path.is_file():
             continue  # the caller reports the reference, with the line that makes it
         try:
@@ -242,7 +293,11 @@ def compile_json_decoder(spec: MqttEventSpec) -> Callable[[bytes], Decoded]:
                 raise PayloadError("bad_timestamp", "missing")
             t = time_parse(tv)
         if id_fields:
+            # With the device time: a counter that restarts at 0 after a power cycle must
+            # not make new messages look like redeliveries of old ones.
             key = "|".join(str(fields[f]) for f in id_fields)
+            if t is not None:
+                key = f"{key}@{t!r}"
         else:
             key = hashlib.blake2b(payload, digest_size=12).hexdigest()
         return Decoded(fields, t, key)

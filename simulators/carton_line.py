@@ -331,8 +331,8 @@ def schedule(cartons: Iterable[Carton], *, interval_ms: float) -> Iterator[Sched
 
 def format_ts(epoch_s: float) -> str:
     """ISO 8601 UTC with milliseconds and Z, as the devices send it."""
-    whole = int(epoch_s)
-    ms = int((epoch_s - whole) * 1000)
+    # Round once in whole milliseconds: splitting the float first turns .003 into .002.
+    whole, ms = divmod(round(epoch_s * 1000), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,11 @@ def test_payloads_have_the_device_format():
     assert isinstance(s["seq"], int) and isinstance(w["weight_g"], float)
     # The first message is due at 0 ms, so it carries start_time exactly.
     assert json.loads(pubs[0].payload)["ts"] == "2026-11-22T10:00:00.000Z"
+    # Every ts is start_time + due, to the millisecond (duplicates repeat their original's).
+    for p in pubs:
+        if not p.duplicate:
+            device_time = datetime.fromisoformat(json.loads(p.payload)["ts"])
+            assert device_time - START == timedelta(milliseconds=round(p.due_ms))
 
 
 def test_duplicates_are_byte_identical_and_later():
