@@ -164,7 +164,8 @@ class MqttLink:
         self.loop = asyncio.get_running_loop()
         self._connected = self.loop.create_future()
         self._closed = self.loop.create_future()
-        self._closed.add_done_callback(lambda f: f.cancelled() or f.exception())  # no warning
+        for f in (self._connected, self._closed):  # may fail with nobody waiting: no warning
+            f.add_done_callback(lambda f: f.cancelled() or f.exception())
         cfg = self.cfg
         props = None
         if self.v5:
