@@ -111,6 +111,7 @@ class Agent:
                     initial_backoff_secs=r.initial_backoff_ms / 1000,
                     max_backoff_secs=r.max_backoff_ms / 1000,
                     max_retry_after_secs=r.max_retry_after_secs,
+                    linger_secs=cfg.batch_linger_ms / 1000,
                 )
             )
         by_broker: dict[str, dict[str, Any]] = {}

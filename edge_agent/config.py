@@ -105,8 +105,11 @@ class DeviceConfig(Model):
 Template = Any  # str with ${input.field} references, or a literal JSON value
 
 
+EVENT_TYPE_RE = r"^[a-z][a-z0-9_]{0,63}$"
+
+
 class EmitSpec(Model):
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")] = Field(
+    type: Annotated[str, Field(pattern=EVENT_TYPE_RE)] = Field(
         description="Business event type emitted."
     )
     subject: str = Field(
@@ -149,7 +152,7 @@ class TerminateSpec(Model):
 
 
 class TimeoutSpec(Model):
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")] = Field(
+    type: Annotated[str, Field(pattern=EVENT_TYPE_RE)] = Field(
         description="Exception event type emitted when the window closes incomplete."
     )
     subject: str = Field("${key}", description="Subject template.")
@@ -217,6 +220,11 @@ class SinkBase(Model):
         None, description="Event types this sink receives; omitted = all."
     )
     batch_max_events: int = Field(200, ge=1, le=10_000, description="Most events per send.")
+    batch_linger_ms: float = Field(
+        50, ge=0, le=5000,
+        description="While events are flowing, wait this long for a batch to fill before "
+        "sending (fewer, larger requests; adds at most this much latency).",
+    )
     retry: RetryConfig = Field(default_factory=RetryConfig, description="Retry timing.")
 
 
@@ -241,6 +249,7 @@ class MqttSinkConfig(SinkBase):
         "edge/{site}", description="Topic prefix template; events go to {prefix}/events/{type}."
     )
     batch_max_events: int = Field(500, ge=1, le=10_000, description="Most events per send.")
+    batch_linger_ms: float = Field(10, ge=0, le=5000, description="See the HTTP sink's.")
     publish_timeout_secs: float = Field(10.0, gt=0, description="Wait for the broker's acks.")
 
 
@@ -456,7 +465,7 @@ def _where(doc: Any, path: list[Any]) -> str:
     node = doc
     for i, part in enumerate(path):
         child = node[part] if isinstance(node, (Mapping, list)) else None
-        if isinstance(part, int):
+        if isinstance(part, int) and isinstance(node, list):
             name = child.get("name") if i == 1 and path[0] == "rules" and isinstance(child, Mapping) else None
             out += f"[{name}]" if isinstance(name, str) and name else f"[{part}]"
         else:
@@ -494,12 +503,12 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
         )
         if score > best_score:
             best, best_score = c, score
-    return best if best_score >= 0.6 else None
+    return best if best_score >= 0.7 else None
 
 
 def _unknown(what: str, value: str, known: Iterable[str], noun: str) -> str:
     """"no X 'v' (did you mean 'w'?)" or "no X 'v' (known: a, b)"."""
-    known = sorted(known)
+    known = sorted(map(str, known))
     guess = closest(value, known)
     if guess is not None:
         return f"{what} '{value}' (did you mean '{guess}'?)"
@@ -570,7 +579,7 @@ def _keys_of(model: type[BaseModel]) -> list[str]:
 _PATTERNS = {
     NAME_RE: "a name of letters, digits, '_', '.' or '-' (at most 64, starting with a letter "
     "or digit)",
-    r"^[a-z][a-z0-9_]{0,63}$": "lower_snake_case (a-z, 0-9, '_'; starting with a letter)",
+    EVENT_TYPE_RE: "lower_snake_case (a-z, 0-9, '_'; starting with a letter)",
     r"^https?://": "a URL starting with http:// or https://",
 }
 
@@ -587,7 +596,7 @@ _EXPECTED = {
     "model_type": "a mapping of keys",
     "model_attributes_type": "a mapping of keys",
     "list_type": "a list",
-    "path_type": "a file path",
+    "path_type": "a path",
 }
 
 
@@ -617,7 +626,12 @@ def _message(err: Mapping[str, Any], root: Any, loc: list[Any]) -> str:
         disc = ctx.get("discriminator", "'kind'").strip("'")
         tags = str(ctx.get("expected_tags", ""))
         allowed = f"one of {tags}" if "," in tags else tags
-        return f"unknown {disc} '{ctx.get('tag')}' (must be {allowed})"
+        tag = value.get(disc) if isinstance(value, Mapping) else ctx.get("tag")
+        if not isinstance(tag, str):
+            return f"{disc} must be {allowed} (got {_show(tag)})"
+        return f"unknown {disc} '{tag}' (must be {allowed})"
+    if t == "invalid_key":
+        return f"key {_show(loc[-1])} must be a string (quote it)"
     if t == "union_tag_not_found":
         disc = ctx.get("discriminator", "'kind'").strip("'")
         return f"missing required key '{disc}'"
@@ -664,7 +678,7 @@ def _schema_problems(
     for err in errors:
         loc = [*prefix, *err["loc"]]
         line, path = _locate(doc, loc)
-        if err["type"] == "extra_forbidden" or loc[-1] == "[key]":
+        if err["type"] in ("extra_forbidden", "invalid_key") or loc[-1] == "[key]":
             path = path[:-1]
         msg = _message(err, root, loc)
         # two type errors on one value come from the members of a union (Name | list[Name])
@@ -722,8 +736,9 @@ def _rule_types(rule: Any) -> tuple[list[str], bool]:
     specs = [rule.get("emit")] + ([rule["on_timeout"]] if rule.get("on_timeout") is not None else [])
     terms = rule.get("terminate_on", [])
     specs += [t.get("emit") if isinstance(t, Mapping) else None for t in _as_list(terms)]
-    types = [s["type"] for s in specs if isinstance(s, Mapping) and isinstance(s.get("type"), str)]
-    return types, len(types) == len(specs)
+    types = [s.get("type") if isinstance(s, Mapping) else None for s in specs]
+    good = [t for t in types if isinstance(t, str)]
+    return good, len(good) == len(specs)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -789,6 +804,7 @@ class _SiteCheck:
     def check_references(self) -> tuple[dict[str, Any], set[str]]:
         from .profiles import load_profiles  # profiles import config models; avoid a cycle
 
+        broken = {k for k, kind in _SECTIONS.items() if k in self.raw and not isinstance(self.raw[k], kind)}
         brokers = self.section("brokers")
         devices = self.section("devices")
         rules = self.section("rules")
@@ -828,7 +844,7 @@ class _SiteCheck:
             conn = d.get("connection")
             if isinstance(conn, Mapping):
                 broker = conn.get("broker")
-                if isinstance(broker, str) and broker not in brokers:
+                if isinstance(broker, str) and broker not in brokers and "brokers" not in broken:
                     self.add(("devices", dev_id, "connection", "broker"),
                              _unknown("no broker", broker, map(str, brokers), "brokers"))
                 prof = profiles.get(prof_name) if isinstance(prof_name, str) else None
@@ -849,7 +865,7 @@ class _SiteCheck:
                              f"rule name '{name}' is already used at line {first}; names must be unique")
                 else:
                     seen_rules[name] = i
-            self.check_rule(i, rule, devices, profiles)
+            self.check_rule(i, rule, None if "devices" in broken else devices, profiles)
 
         emitted: set[str] = set()
         complete = isinstance(self.raw.get("rules", []), list)
@@ -861,7 +877,8 @@ class _SiteCheck:
             if not isinstance(s, Mapping):
                 continue
             broker = s.get("broker")
-            if s.get("kind") == "mqtt" and isinstance(broker, str) and broker not in brokers:
+            if (s.get("kind") == "mqtt" and isinstance(broker, str) and broker not in brokers
+                    and "brokers" not in broken):
                 self.add(("sinks", name, "broker"),
                          _unknown("no broker", broker, map(str, brokers), "brokers"))
             if s.get("kind") == "http":
@@ -898,7 +915,11 @@ class _SiteCheck:
             self.add(loc, f"no such file {_display_path(p)}")
 
     def check_rule(
-        self, i: int, rule: Mapping[str, Any], devices: Mapping[Any, Any], profiles: Mapping[str, Any]
+        self,
+        i: int,
+        rule: Mapping[str, Any],
+        devices: Mapping[Any, Any] | None,  # None: the devices section is itself malformed
+        profiles: Mapping[str, Any],
     ) -> None:
         inputs = rule.get("inputs")
         inputs = inputs if isinstance(inputs, Mapping) else {}
@@ -913,7 +934,7 @@ class _SiteCheck:
             devs = spec.get("device")
             for j, dev_id in enumerate(_as_list(devs)):
                 dloc = ("rules", i, "inputs", in_name, "device") + ((j,) if isinstance(devs, list) else ())
-                if not isinstance(dev_id, str):
+                if not isinstance(dev_id, str) or devices is None:
                     continue
                 d = devices.get(dev_id)
                 if d is None:

@@ -7,19 +7,21 @@ one transaction; only then are the ``acks`` called.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from ..events import BusinessEvent
 
 
 def _to_json(o: Any) -> Any:
-    return o.to_json()
+    return o.to_json()  # rule state objects serialize themselves, once, at seal
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), default=_to_json).encode
+def _dumps(v: Any) -> str:
+    return orjson.dumps(v, default=_to_json).decode()
 
 
 @dataclass(slots=True)

@@ -42,6 +42,7 @@ class Dispatcher:
         initial_backoff_secs: float = 0.5,
         max_backoff_secs: float = 60.0,
         max_retry_after_secs: float = 600.0,
+        linger_secs: float = 0.02,
     ):
         self.sink = sink
         self.name = sink.name
@@ -50,6 +51,8 @@ class Dispatcher:
         self.initial = initial_backoff_secs
         self.cap = max_backoff_secs
         self.max_retry_after = max_retry_after_secs
+        self.linger = linger_secs
+        self._partial = False  # the last send was not a full batch: traffic is flowing
         self.cursor = 0
         self.held: list[Pending] = []
         self.failures = 0  # consecutive transient failures
@@ -69,6 +72,12 @@ class Dispatcher:
         while not self._stopping:
             items = self.held
             if not items:
+                if self._partial and self.linger:
+                    # Busy but not saturated: let a fuller batch form rather than send
+                    # many tiny ones (each request costs far more than each event).
+                    await asyncio.sleep(self.linger)
+                if self._stopping:
+                    break
                 self.wake.clear()
                 items = await self.committer.run_db(
                     self.committer.store.fetch_pending, self.name, self.cursor, self.sink.batch_max_events
@@ -80,12 +89,16 @@ class Dispatcher:
                         self.cursor = 0  # pick up dead rows an operator put back
                         last_rescan = now
                         continue
+                    if self._stopping:
+                        break
                     try:
                         await asyncio.wait_for(self.wake.wait(), RESCAN_SECS)
                     except TimeoutError:
                         pass
+                    self._partial = False
                     continue
                 self.cursor = items[-1].seq
+                self._partial = len(items) < self.sink.batch_max_events
             self.state = "sending"
             try:
                 results = await self.sink.send(items)

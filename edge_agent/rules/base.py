@@ -21,7 +21,8 @@ class Output(Protocol):
     def emit(self, ev: BusinessEvent) -> None: ...
 
     def state_changed(self, rule: str, key: str, value: Any | None) -> None:
-        """``value`` None deletes the key."""
+        """``value`` None deletes the key; else JSON-able, or an object with ``to_json()``
+        that the outbox calls once at commit (so state may change until then)."""
         ...
 
 

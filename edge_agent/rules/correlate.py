@@ -158,7 +158,7 @@ class Correlate:
             if len(o.parts) == len(self.needed):
                 self._resolve(key, o, self.emit_ok, out, reason=None, use=list(o.parts))
             else:
-                out.state_changed(self.name, key, o.to_json())
+                out.state_changed(self.name, key, o)  # serialized at commit, in its latest form
         if t > self.max_time:
             self.max_time = t
             wm = t - self.lateness
@@ -223,7 +223,7 @@ class Correlate:
         self._out(emit, ctx, t, sorted(p.msg_id for p in parts), key, out)
         o.closed = True
         o.parts = {}
-        out.state_changed(self.name, key, o.to_json())
+        out.state_changed(self.name, key, o)
 
     def _out(
         self, emit: _Emit, ctx: dict[str, Any], t: float, ids: list[str], key: str, out: Output

@@ -233,3 +233,13 @@ def test_engine_quarantines_bad_payloads(tmp_path):
 
 def test_pending_constants_are_distinct():
     assert len({PENDING, DELIVERED, DEAD}) == 3
+
+
+def test_event_id_is_uuid5_of_the_parts():
+    import uuid
+
+    from edge_agent.events import ID_NAMESPACE, event_id
+
+    parts = ("dc-1", "close-station-1", "carton_closed", "T1", "SCN1/read/1@1.5", "CW1/weight/9@1.7")
+    assert event_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+    assert event_id(*parts) != event_id(*parts[:-1])
