@@ -28,7 +28,10 @@ def find_mosquitto() -> str | None:
 
 
 class Mosquitto:
-    def __init__(self, port: int | None = None, *, workdir: Path | None = None, verbose: bool = False):
+    def __init__(
+        self, port: int | None = None, *, workdir: Path | None = None, verbose: bool = False,
+        persistent: bool = False,
+    ):
         exe = find_mosquitto()
         if exe is None:
             raise RuntimeError("mosquitto is not installed (make installs it with apt-get)")
@@ -39,6 +42,7 @@ class Mosquitto:
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.verbose = verbose
+        self.persistent = persistent  # keep sessions and queued messages across restarts
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _conf(self) -> Path:
@@ -48,7 +52,9 @@ class Mosquitto:
                 [
                     f"listener {self.port} 127.0.0.1",
                     "allow_anonymous true",
-                    "persistence false",
+                    "persistence true" if self.persistent else "persistence false",
+                    f"persistence_location {self.workdir}/",
+                    "autosave_interval 1",
                     "max_inflight_messages 1000",
                     "max_queued_messages 2000000",
                     "max_queued_bytes 0",

@@ -45,7 +45,7 @@ class Demo:
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(
             _demo_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=_env(),
+            env=_env(), start_new_session=True,  # its own process group, as in a terminal
         )
         self.lines: list[str] = []
         self.running = threading.Event()
@@ -139,13 +139,15 @@ def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
 
 @needs_mosquitto
 @pytest.mark.timeout(90)
-def test_demo_stops_cleanly_on_sigint(tmp_path):
+def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
     demo = Demo("--rate", "100", "--workdir", str(tmp_path / "demo"))
     try:
         assert demo.running.wait(30), demo.output()
         _watch(demo, 5)
         assert demo.proc.poll() is None, demo.output()
-        demo.proc.send_signal(signal.SIGINT)
+        # Ctrl-C in a terminal signals the whole foreground process group, children included:
+        # the demo must still stop them itself, in order.
+        os.killpg(demo.proc.pid, signal.SIGINT)
         _watch(demo, 40)
         rc = demo.wait(40)
         out = demo.output()
