@@ -62,6 +62,7 @@ class MqttConnector:
         self.ingest: Ingest | None = None
         self.received = 0
         self.health = Health()
+        self._internal_errors = 0
         self.stopping = False
 
     async def run(self, ingest: Ingest) -> None:
@@ -90,6 +91,21 @@ class MqttConnector:
             await self.link.close()
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception as exc:  # noqa: BLE001 - one message must not stall the connection
+            # A bug in a rule or decoder: keep the message for inspection and go on.
+            if not self._internal_errors:
+                log.exception("internal error handling a message on %s; set aside", msg.topic)
+            self._internal_errors += 1
+            assert self.ingest is not None and self.link is not None
+            link, mid = self.link, msg.mid
+            self.ingest.bad_payload(
+                "?", msg.topic, "internal_error", repr(exc)[:200], msg.payload,
+                (lambda: link.ack(mid)) if msg.qos else None,
+            )
+
+    def _handle(self, msg: paho.MQTTMessage) -> None:
         self.received += 1
         ingest = self.ingest
         link = self.link

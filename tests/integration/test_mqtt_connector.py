@@ -116,3 +116,27 @@ async def test_unacked_messages_come_back_after_reconnect_mqtt5(broker):
 
 async def test_unacked_messages_come_back_after_reconnect_mqtt311(broker):
     await _roundtrip(broker, "3.1.1")
+
+
+class ExplodingIngest(HoldingIngest):
+    def device_event(self, ev, ack) -> None:
+        if ev.fields["tracking_id"] == "T66":
+            raise RuntimeError("bug in a rule")
+        super().device_event(ev, ack)
+
+
+async def test_a_bug_while_handling_one_message_sets_it_aside_and_goes_on(broker):
+    conn = connector(broker.port, "5")
+    conn.client_id = "it-exploding"
+    ing = ExplodingIngest()
+    task = asyncio.create_task(conn.run(ing))
+    await asyncio.sleep(0.5)
+    publish(broker.port, [scan(65), scan(66), scan(67)])
+    for _ in range(100):
+        if len(ing.events) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert [e.fields["tracking_id"] for e in ing.events] == ["T65", "T67"]
+    assert ing.bad == ["internal_error"]
+    assert not task.done()
+    await stop(conn, task)
