@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -132,6 +132,97 @@ class BusRecorderProc:
             self.proc.stdout.close()
 
 
+class MosqSubRecorder:
+    """The bus recorder as ``mosquitto_sub -F '%U %t %p'`` (C, a few % of a core where the
+    paho recorder needs a quarter of one at 1,500 events/s): one line per message with its
+    receive time (ns), topic and payload, parsed only after the measurement window."""
+
+    PROBE = "bench-probe"
+
+    def __init__(self, workdir: Path, host: str, port: int, topic: str = "edge/+/events/#",
+                 protocol: str = "5"):
+        exe = shutil.which("mosquitto_sub")
+        pub = shutil.which("mosquitto_pub")
+        if exe is None or pub is None:
+            raise RuntimeError("mosquitto_sub/mosquitto_pub not installed (apt-get install mosquitto-clients)")
+        self.out = workdir / "bus.txt"
+        self.log_path = workdir / "bus-recorder.log"
+        version = "5" if protocol == "5" else "311"
+        self._out = open(self.out, "wb")  # noqa: SIM115 - closed in stop()
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [exe, "-h", host, "-p", str(port), "-t", topic, "-q", "1", "-V", version,
+             "-F", "%U %t %p", "-i", f"bench-bus-{os.getpid()}"],
+            stdout=self._out, stderr=log,
+        )
+        log.close()
+        self._offset = 0
+        self._lines = 0
+        # Subscribed once a probe published to a matching topic comes back.
+        self.probe_topic = "/".join(
+            self.PROBE if part in ("+", "#") else part for part in topic.split("/")
+        )
+        deadline = time.monotonic() + 10
+        while self._count_lines() == 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mosquitto_sub did not subscribe; see {self.log_path}")
+            subprocess.run([pub, "-h", host, "-p", str(port), "-t", self.probe_topic, "-q", "1",
+                            "-V", version, "-m", "probe"], capture_output=True, timeout=10)
+            time.sleep(0.1)
+        self._probes = self._lines
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _count_lines(self) -> int:
+        with open(self.out, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # only whole lines
+        self._lines += chunk.count(b"\n", 0, end)
+        self._offset += end
+        return self._lines
+
+    def unique(self) -> int:
+        """Messages received so far (a redelivery would count twice; the ledger catches it)."""
+        return self._count_lines() - self._probes
+
+    def finish(self, timeout_secs: float = 60) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout_secs)
+        self._out.close()
+        events, arrivals = [], []
+        probe = self.probe_topic.encode()
+        with open(self.out, "rb") as f:
+            for line in f:
+                stamp, topic, payload = line.rstrip(b"\n").split(b" ", 2)
+                if topic == probe:
+                    continue
+                events.append(json.loads(payload))
+                arrivals.append(float(stamp))
+        return {"events": events, "arrivals": arrivals}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+def make_bus_recorder(kind: str, workdir: Path, host: str, port: int) -> BusRecorderProc | MosqSubRecorder:
+    """`kind`: "mosquitto_sub", "paho" (simulators.bus_recorder) or "auto" (the first if
+    installed)."""
+    if kind == "auto":
+        kind = "mosquitto_sub" if shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub") else "paho"
+    if kind == "mosquitto_sub":
+        return MosqSubRecorder(workdir, host, port)
+    if kind == "paho":
+        return BusRecorderProc(workdir, host, port)
+    raise ValueError(f"unknown bus recorder {kind!r}")
+
+
 def _record_bus(args: argparse.Namespace) -> int:
     from simulators.bus_recorder import BusRecorder
 
@@ -190,6 +281,14 @@ def _machine_busy() -> tuple[float, float]:
     return total - idle, total
 
 
+def machine_load_pct(secs: float = 1.0) -> float:
+    """Busy CPU over `secs`, in % of one core (200 = both cores of a 2-core machine)."""
+    b0, t0 = _machine_busy()
+    time.sleep(secs)
+    b1, t1 = _machine_busy()
+    return 100.0 * (b1 - b0) / max(t1 - t0, 1e-9) * (psutil.cpu_count() or 1)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of `values` (q in 0..100)."""
     if not values:
@@ -232,15 +331,19 @@ def _r(v: float | None, nd: int = 1) -> float | None:
     return None if v is None else round(v, nd)
 
 
-def _latencies(events: Iterable[tuple[dict[str, Any], float]], parse: _TimeParser) -> list[float]:
-    """ms from the later device message to arrival, per carton_closed (first arrival per id)."""
+def _latencies(
+    events: Iterable[tuple[dict[str, Any], float]], parse: _TimeParser
+) -> list[tuple[float, float]]:
+    """(device time, ms from the later device message to arrival) per carton_closed (the
+    first arrival of each id)."""
     seen: set[str] = set()
     out = []
     for ev, arrival in events:
         if ev.get("type") != "carton_closed" or ev["id"] in seen:
             continue
         seen.add(ev["id"])
-        out.append((arrival - device_time(ev, parse)) * 1000.0)
+        t = device_time(ev, parse)
+        out.append((t, (arrival - t) * 1000.0))
     return out
 
 
@@ -253,6 +356,51 @@ def _achieved_rate(events: list[dict[str, Any]], parse: _TimeParser) -> float | 
     if len(scans) < 2 or scans[-1] <= scans[0]:
         return None
     return (len(scans) - 1) / (scans[-1] - scans[0])
+
+
+class Sampler(threading.Thread):
+    """Samples the agent's CPU and the machine's busy time every `period` s (reads /proc only),
+    so a latency spike can be told apart from a burst of someone else's load."""
+
+    def __init__(self, pid: int, period: float = 0.5):
+        super().__init__(name="bench-sampler", daemon=True)
+        self.pid = pid
+        self.period = period
+        self.samples: list[tuple[float, float | None, float, float]] = []
+        self._stop_ev = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            busy, total = _machine_busy()
+            self.samples.append((time.monotonic(), cpu_seconds(self.pid), busy, total))
+            if self._stop_ev.wait(self.period):
+                return
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop_ev.set()
+        self.join(5)
+        ncpu = psutil.cpu_count() or 1
+        out = []
+        for (t0, a0, b0, n0), (t1, a1, b1, n1) in zip(self.samples, self.samples[1:]):
+            dt = max(t1 - t0, 1e-9)
+            out.append({
+                "t": round(t1 - self.samples[0][0], 2),
+                "agent_pct": _r(100.0 * (a1 - a0) / dt) if a0 is not None and a1 is not None else None,
+                "machine_busy_pct": _r(100.0 * (b1 - b0) / max(n1 - n0, 1e-9) * ncpu),
+            })
+        return out
+
+
+def _timeline(pairs: list[tuple[float, float]], origin: float) -> list[dict[str, Any]]:
+    """Per second of device time (from `origin`): cartons, p50, p99 and max latency."""
+    buckets: dict[int, list[float]] = {}
+    for t, lat in pairs:
+        buckets.setdefault(int(t - origin), []).append(lat)
+    return [
+        {"s": k, "n": len(v), "p50_ms": _r(percentile(v, 50)), "p99_ms": _r(percentile(v, 99)),
+         "max_ms": _r(max(v))}
+        for k, v in sorted(buckets.items())
+    ]
 
 
 # --- profiling -------------------------------------------------------------------------------
@@ -372,6 +520,7 @@ def run_step(
     seed: int = 1,
     keep: bool = False,
     profile_out: Path | None = None,
+    bus_recorder: str = "auto",
     log: Log = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Run one step; returns its measurements (see the module docstring)."""
@@ -381,10 +530,11 @@ def run_step(
                            "workdir": str(workdir), "profiled": profile_out is not None}
     broker: Mosquitto | None = None
     receivers: list[ReceiverProc] = []
-    bus: BusRecorderProc | None = None
+    bus: BusRecorderProc | MosqSubRecorder | None = None
     agent: AgentProc | None = None
     line: LineProc | None = None
     spy: PySpy | None = None
+    sampler: Sampler | None = None
     ok = False
     try:
         broker = Mosquitto(workdir=workdir / "mosquitto").start()
@@ -393,7 +543,8 @@ def run_step(
         erp = ReceiverProc("erp", workdir)
         receivers.append(erp)
         config = write_site(workdir, broker_port=broker.port, wms_url=wms.url, erp_url=erp.url)
-        bus = BusRecorderProc(workdir, broker.host, broker.port)
+        bus = make_bus_recorder(bus_recorder, workdir, broker.host, broker.port)
+        res["bus_recorder"] = type(bus).__name__
         agent = AgentProc(config, workdir)
         agent.start().wait_ready(30)
         assert broker.proc is not None
@@ -416,6 +567,8 @@ def run_step(
         busy0, total0 = _machine_busy()
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
+        sampler = Sampler(agent.pid)
+        sampler.start()
 
         line = LineProc(workdir, port=broker.port, count=count, rate=rate, seed=seed,
                         fractions=NO_FAULTS)
@@ -438,6 +591,7 @@ def run_step(
         cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
         busy1, total1 = _machine_busy()
         mem1 = proc_status(agent.pid)
+        samples = sampler.stop()
         if spy is not None:
             spy.stop()
         # The window is closed: from here on nothing is measured, so big JSON is fine.
@@ -470,6 +624,9 @@ def run_step(
         ncpu = psutil.cpu_count() or 1
         res["machine_busy_pct"] = _r(100.0 * (busy1 - busy0) / max(total1 - total0, 1e-9) * ncpu)
         res["machine_cores"] = ncpu
+        ours = sum(v for v in res["cpu_pct_of_one_core"].values() if v is not None)
+        # Whatever else ran on the machine meanwhile (other people's tests, py-spy, ...).
+        res["other_load_pct"] = _r(max(0.0, res["machine_busy_pct"] - ours))
         cartons = summary["cartons"] or count
         res["agent_cpu_ms_per_carton"] = _r(1000.0 * (cpu["agent"] or 0.0) / cartons, 4)
         res["agent_peak_rss_mb"] = _r(mem1.get("VmHWM", 0) / 2**20)
@@ -498,10 +655,16 @@ def run_step(
 
         # Latency from the later device message to arrival, per sink.
         parse = _TimeParser()
-        res["latency"] = {
-            "wms": latency_stats(_latencies(((e, e["_received_at"]) for e in wms_doc["events"]), parse)),
-            "erp": latency_stats(_latencies(((e, e["_received_at"]) for e in erp_doc["events"]), parse)),
-            "bus": latency_stats(_latencies(zip(bus_doc["events"], bus_doc["arrivals"], strict=True), parse)),
+        lat = {
+            "wms": _latencies(((e, e["_received_at"]) for e in wms_doc["events"]), parse),
+            "erp": _latencies(((e, e["_received_at"]) for e in erp_doc["events"]), parse),
+            "bus": _latencies(zip(bus_doc["events"], bus_doc["arrivals"], strict=True), parse),
+        }
+        res["latency"] = {k: latency_stats([x for _, x in v]) for k, v in lat.items()}
+        origin = min((t for v in lat.values() for t, _ in v), default=0.0)
+        res["timeline"] = {
+            "latency_per_device_second": {k: _timeline(lat[k], origin) for k in ("wms", "bus")},
+            "load_every_half_second": samples,
         }
         achieved = _achieved_rate(wms_doc["events"], parse) or _achieved_rate(bus_doc["events"], parse)
         res["achieved_rate"] = _r(achieved if achieved is not None else summary["carton_rate_per_s"])
@@ -540,6 +703,8 @@ def run_step(
         log(f"    step failed with an error: {res['error']}; files kept in {workdir}")
         return res
     finally:
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
         if spy is not None:
             spy.stop()
         if line is not None:
@@ -584,7 +749,7 @@ def median_step(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for s in SINKS
     }
     for k in ("agent_cpu_ms_per_carton", "agent_peak_rss_mb", "agent_rss_start_mb",
-              "agent_idle_cpu_pct", "machine_busy_pct", "settle_secs"):
+              "agent_idle_cpu_pct", "machine_busy_pct", "other_load_pct", "settle_secs"):
         out[k] = med(lambda r, k=k: r.get(k))
     names = sorted({n for r in good for n in r["cpu_pct_of_one_core"]})
     out["cpu_pct_of_one_core"] = {
@@ -622,11 +787,13 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--seed", type=int, default=1)
     st.add_argument("--keep", action="store_true")
     st.add_argument("--profile", default=None, help="py-spy raw output path")
+    st.add_argument("--bus-recorder", choices=["auto", "mosquitto_sub", "paho"], default="auto")
     args = p.parse_args(argv)
     if args.cmd == "record-bus":
         return _record_bus(args)
     res = run_step(args.rate, args.seconds, seed=args.seed, keep=args.keep,
-                   profile_out=Path(args.profile) if args.profile else None)
+                   profile_out=Path(args.profile) if args.profile else None,
+                   bus_recorder=args.bus_recorder)
     if args.profile:
         res["profile"] = summarise_profile(Path(args.profile))
     print(json.dumps(res, indent=2))

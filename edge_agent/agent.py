@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from .config import HttpSinkConfig, MqttConnection, MqttSinkConfig, SiteConfig
+from .config import BrokerConfig, HttpSinkConfig, MqttConnection, MqttSinkConfig, SiteConfig
 from .connectors.mqtt import MqttConnector
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
@@ -99,7 +99,7 @@ class Agent:
             else:
                 assert isinstance(cfg, MqttSinkConfig)
                 sink = MqttSink(
-                    name, cfg, site.brokers[cfg.broker], site=site.site,
+                    name, cfg, self._broker(cfg.broker), site=site.site,
                     client_id=f"{self._client_id(cfg.broker)}-sink-{name}",
                 )
             self.sinks[name] = sink
@@ -121,10 +121,17 @@ class Agent:
         for broker, devices in sorted(by_broker.items()):
             self.connectors.append(
                 MqttConnector(
-                    f"mqtt:{broker}", site.brokers[broker], devices, self.profiles, self.clock,
+                    f"mqtt:{broker}", self._broker(broker), devices, self.profiles, self.clock,
                     client_id=f"{self._client_id(broker)}-in",
                 )
             )
+
+    def _broker(self, name: str) -> BrokerConfig:
+        """The broker's config with file paths resolved against the site file's directory."""
+        b = self.site.brokers[name]
+        if b.password_file is not None and not b.password_file.is_absolute():
+            b = b.model_copy(update={"password_file": self.base_dir / b.password_file})
+        return b
 
     def _client_id(self, broker: str) -> str:
         return self.site.brokers[broker].client_id or f"edge-agent-{self.site.site}"

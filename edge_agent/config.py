@@ -356,12 +356,12 @@ def read_yaml(path: Path) -> Any:
             warnings.simplefilter("always", YAMLWarning)
             doc = _yaml().load(text)
     except DuplicateKeyError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        at = exc.problem_mark.line + 1 if exc.problem_mark else None
         problem = str(exc.problem or "").removeprefix("found ")
-        raise _fail(file, line, f"{problem}; each key may appear once") from None
+        raise _fail(file, at, f"{problem}; each key may appear once") from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
+        at = mark.line + 1 if mark else None
         problem = str(exc.problem or exc.context or "invalid YAML")
         if "'\\t'" in problem and mark is not None:
             msg = f"tab character at column {mark.column + 1}; YAML must be indented with spaces"
@@ -370,9 +370,9 @@ def read_yaml(path: Path) -> Any:
         else:
             msg = f"YAML syntax: {problem}"
             ctx = exc.context_mark
-            if exc.context and ctx is not None and ctx.line + 1 != line:
+            if exc.context and ctx is not None and ctx.line + 1 != at:
                 msg += f" ({exc.context} started at line {ctx.line + 1})"
-        raise _fail(file, line, msg) from None
+        raise _fail(file, at, msg) from None
     except Exception as exc:  # ruamel raises several unrelated types for bad input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _fail(file, None, f"YAML error: {first}") from exc
@@ -466,7 +466,9 @@ def _where(doc: Any, path: list[Any]) -> str:
     for i, part in enumerate(path):
         child = node[part] if isinstance(node, (Mapping, list)) else None
         if isinstance(part, int) and isinstance(node, list):
-            name = child.get("name") if i == 1 and path[0] == "rules" and isinstance(child, Mapping) else None
+            name = None
+            if i == 1 and path[0] == "rules" and isinstance(child, Mapping):
+                name = child.get("name")  # rules[close-station-1] reads better than rules[0]
             out += f"[{name}]" if isinstance(name, str) and name else f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
@@ -493,7 +495,7 @@ def _show(value: Any) -> str:
 _UNIT_SUFFIX = re.compile(r"_(secs|ms|mb|bytes|g)$")
 
 
-def closest(word: str, choices: Iterable[str]) -> str | None:
+def _closest(word: str, choices: Iterable[str]) -> str | None:
     """The known name a typo most likely meant (unit suffixes ignored), or None."""
     best, best_score = None, 0.0
     for c in choices:
@@ -509,7 +511,7 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
 def _unknown(what: str, value: str, known: Iterable[str], noun: str) -> str:
     """"no X 'v' (did you mean 'w'?)" or "no X 'v' (known: a, b)"."""
     known = sorted(map(str, known))
-    guess = closest(value, known)
+    guess = _closest(value, known)
     if guess is not None:
         return f"{what} '{value}' (did you mean '{guess}'?)"
     if not known:
@@ -606,7 +608,8 @@ def _expected(err: Mapping[str, Any]) -> str | None:
     if t == "string_pattern_mismatch":
         return _PATTERNS.get(ctx.get("pattern", ""), f"text matching {ctx.get('pattern')}")
     if t == "literal_error":
-        return f"one of {ctx['expected']}" if " or " in ctx.get("expected", "") else ctx.get("expected")
+        expected = str(ctx.get("expected", ""))
+        return f"one of {expected}" if " or " in expected else expected
     return _EXPECTED.get(t)
 
 
@@ -674,7 +677,7 @@ def _schema_problems(
     The errors of one union (``Name | list[Name]``) collapse into one "must be X or Y".
     """
     out: list[tuple[ConfigProblem, tuple[Any, ...]]] = []
-    union_seen: dict[tuple[Any, ...], int] = {}
+    union_seen: dict[tuple[Any, ...], tuple[int, str]] = {}
     for err in errors:
         loc = [*prefix, *err["loc"]]
         line, path = _locate(doc, loc)
@@ -685,13 +688,19 @@ def _schema_problems(
         key = tuple(path)
         if _expected(err) is not None and " (got " in msg:
             if key in union_seen:
-                i = union_seen[key]
+                i, first_type = union_seen[key]
                 old = out[i][0]
+                if err["type"] in _EXPECTED and first_type not in _EXPECTED:
+                    continue  # the other member took the type but not the value: say only that
                 head, _, tail = old.message.partition(" (got ")
-                extra = _expected(err)
-                out[i] = (ConfigProblem(file, line, f"{head} or {extra} (got {tail}"), key)
+                if first_type in _EXPECTED and err["type"] not in _EXPECTED:
+                    head = f"{_where(doc, path)}: {msg.partition(' (got ')[0]}"
+                else:
+                    head = f"{head} or {_expected(err)}"
+                out[i] = (ConfigProblem(file, line, f"{head} (got {tail}"), key)
+                union_seen[key] = (i, err["type"])
                 continue
-            union_seen[key] = len(out)
+            union_seen[key] = (len(out), err["type"])
         where = _where(doc, path)
         out.append((ConfigProblem(file, line, f"{where}: {msg}" if where else msg), key))
     return out
@@ -716,14 +725,14 @@ def _sorted(problems: Iterable[ConfigProblem]) -> list[ConfigProblem]:
 # --- the site loader -----------------------------------------------------------------------
 
 _SECTIONS: dict[str, type] = {"brokers": dict, "devices": dict, "rules": list, "sinks": dict}
-META_FIELDS = {"device", "time"}  # ${input.device}, ${input.time}: see rules/base.py
+_META_FIELDS = {"device", "time"}  # ${input.device}, ${input.time}: see rules/base.py
 REF_RE = re.compile(r"\$\{([^}]*)\}")
 BUILTIN_REFS = {"key", "rule", "reason", "missing", "site"}
 
 
 @functools.cache
 def _adapter(section: str) -> TypeAdapter[Any]:
-    tp = SiteConfig.model_fields[section].annotation
+    tp: Any = SiteConfig.model_fields[section].annotation
     if _SECTIONS[section] is list:
         tp = get_args(tp)[0]  # rules are validated one list item at a time
     return TypeAdapter(tp)
@@ -733,7 +742,9 @@ def _rule_types(rule: Any) -> tuple[list[str], bool]:
     """Event types a raw rule emits, and whether all of them could be read."""
     if not isinstance(rule, Mapping):
         return [], False
-    specs = [rule.get("emit")] + ([rule["on_timeout"]] if rule.get("on_timeout") is not None else [])
+    specs = [rule.get("emit")]
+    if rule.get("on_timeout") is not None:
+        specs.append(rule["on_timeout"])
     terms = rule.get("terminate_on", [])
     specs += [t.get("emit") if isinstance(t, Mapping) else None for t in _as_list(terms)]
     types = [s.get("type") if isinstance(s, Mapping) else None for s in specs]
@@ -763,7 +774,8 @@ class _SiteCheck:
         where = _where(self.doc, path)
         self.problems.append(ConfigProblem(self.file, line, f"{where}: {message}"))
 
-    def section(self, name: str) -> Mapping[Any, Any] | list[Any]:
+    def section(self, name: str) -> Any:
+        """A section of the raw document, or an empty one if it is missing or malformed."""
         v = self.raw.get(name)
         return v if isinstance(v, _SECTIONS[name]) else _SECTIONS[name]()
 
@@ -786,9 +798,13 @@ class _SiteCheck:
             self.schema(exc.errors(), SiteConfig)
         for name, kind in _SECTIONS.items():
             section = self.raw.get(name)
-            if not isinstance(section, kind):
-                continue  # reported above as the wrong type
-            items = section.items() if isinstance(section, dict) else enumerate(section)
+            items: Iterable[tuple[Any, Any]]
+            if kind is dict and isinstance(section, dict):
+                items = section.items()
+            elif kind is list and isinstance(section, list):
+                items = enumerate(section)
+            else:
+                continue  # missing, or reported above as the wrong type
             for key, value in items:
                 adapter = _adapter(name)
                 try:
@@ -804,13 +820,13 @@ class _SiteCheck:
     def check_references(self) -> tuple[dict[str, Any], set[str]]:
         from .profiles import load_profiles  # profiles import config models; avoid a cycle
 
-        broken = {k for k, kind in _SECTIONS.items() if k in self.raw and not isinstance(self.raw[k], kind)}
+        # a section that is not even a mapping/list: references into it are not checked
+        raw = self.raw
+        broken = {k for k, t in _SECTIONS.items() if k in raw and not isinstance(raw[k], t)}
         brokers = self.section("brokers")
         devices = self.section("devices")
         rules = self.section("rules")
         sinks = self.section("sinks")
-        assert isinstance(brokers, dict) and isinstance(devices, dict)
-        assert isinstance(rules, list) and isinstance(sinks, dict)
 
         for name, b in brokers.items():
             if isinstance(b, Mapping):
@@ -838,9 +854,11 @@ class _SiteCheck:
             if not isinstance(d, Mapping):
                 continue
             prof_name = d.get("profile")
-            if isinstance(prof_name, str) and profiles_dir is not None and prof_name not in available:
+            pdir = profiles_dir
+            if isinstance(prof_name, str) and pdir is not None and prof_name not in available:
+                where = f"profiles in {_display_path(pdir)}"
                 self.add(("devices", dev_id, "profile"),
-                         _unknown("no profile", prof_name, available, f"profiles in {_display_path(profiles_dir)}"))
+                         _unknown("no profile", prof_name, available, where))
             conn = d.get("connection")
             if isinstance(conn, Mapping):
                 broker = conn.get("broker")
@@ -851,7 +869,8 @@ class _SiteCheck:
                 kind = conn.get("kind")
                 if prof is not None and isinstance(kind, str) and prof.protocol != kind:
                     self.add(("devices", dev_id, "connection", "kind"),
-                             f"profile '{prof_name}' speaks {prof.protocol}, the connection is {kind}")
+                             f"profile '{prof_name}' speaks {prof.protocol}, "
+                             f"the connection is {kind}")
 
         seen_rules: dict[str, int] = {}
         for i, rule in enumerate(rules):
@@ -862,7 +881,8 @@ class _SiteCheck:
                 if name in seen_rules:
                     first = line_of(self.doc, ("rules", seen_rules[name], "name"))
                     self.add(("rules", i, "name"),
-                             f"rule name '{name}' is already used at line {first}; names must be unique")
+                             f"rule name '{name}' is already used at line {first}; "
+                             "names must be unique")
                 else:
                     seen_rules[name] = i
             self.check_rule(i, rule, None if "devices" in broken else devices, profiles)
@@ -883,9 +903,9 @@ class _SiteCheck:
                          _unknown("no broker", broker, map(str, brokers), "brokers"))
             if s.get("kind") == "http":
                 self.check_file(("sinks", name, "bearer_token_file"), s.get("bearer_token_file"))
-            types = s.get("event_types")
-            if isinstance(types, list) and complete:  # else a broken rule may emit it
-                for j, t in enumerate(types):
+            wanted_types = s.get("event_types")
+            if isinstance(wanted_types, list) and complete:  # else a broken rule may emit it
+                for j, t in enumerate(wanted_types):
                     if isinstance(t, str) and t not in emitted:
                         self.add(("sinks", name, "event_types", j),
                                  _unknown("no rule emits", t, emitted, "rules emit"))
@@ -928,12 +948,17 @@ class _SiteCheck:
         events: dict[str, list[tuple[str, Any]]] = {}
         for in_name, spec in inputs.items():
             events[in_name] = []
+            if in_name in BUILTIN_REFS:  # the template context would shadow the input
+                self.add(("rules", i, "inputs", in_name),
+                         f"input name '{in_name}' is reserved for ${{{in_name}}}; choose another")
             if not isinstance(spec, Mapping):
                 continue
             ev_name = spec.get("event")
             devs = spec.get("device")
             for j, dev_id in enumerate(_as_list(devs)):
-                dloc = ("rules", i, "inputs", in_name, "device") + ((j,) if isinstance(devs, list) else ())
+                dloc: tuple[Any, ...] = ("rules", i, "inputs", in_name, "device")
+                if isinstance(devs, list):
+                    dloc += (j,)
                 if not isinstance(dev_id, str) or devices is None:
                     continue
                 d = devices.get(dev_id)
@@ -947,7 +972,8 @@ class _SiteCheck:
                 ev = prof.events.get(ev_name)
                 if ev is None:
                     self.add(("rules", i, "inputs", in_name, "event"),
-                             _unknown(f"profile '{prof_name}' has no event", ev_name, prof.events, "it has"))
+                             _unknown(f"profile '{prof_name}' has no event", ev_name,
+                                      prof.events, "it has"))
                     continue
                 events[in_name].append((f"{prof_name}.{ev_name}", ev))
                 if isinstance(key, str) and key not in ev.fields:
@@ -986,7 +1012,7 @@ class _SiteCheck:
         for loc, spec in specs:
             if not isinstance(spec, Mapping):
                 continue
-            items = [(("subject",), spec.get("subject"))]
+            items: list[tuple[tuple[Any, ...], Any]] = [(("subject",), spec.get("subject"))]
             data = spec.get("data")
             if isinstance(data, Mapping):
                 items += [(("data", k), v) for k, v in data.items()]
@@ -1010,7 +1036,7 @@ class _SiteCheck:
                     self.add(loc, f"'${{{ref}}}' names an input, not a field; use "
                                   f"'${{{inp}.<field>}}'")
                 else:
-                    guess = closest(ref, [*BUILTIN_REFS, *inputs])
+                    guess = _closest(ref, [*BUILTIN_REFS, *inputs])
                     hint = (f"did you mean '${{{guess}}}'?" if guess in BUILTIN_REFS
                             else f"did you mean '${{{guess}.<field>}}'?" if guess
                             else "use ${input.field} or one of ${key}, ${rule}, ${reason}, "
@@ -1022,9 +1048,9 @@ class _SiteCheck:
                     self.add(loc, f"'${{{ref}}}': " + _unknown("no input", inp, inputs, "inputs"))
                 continue
             for label, ev in events.get(inp, []):
-                if fld not in ev.fields and fld not in META_FIELDS:
+                if fld not in ev.fields and fld not in _META_FIELDS:
                     self.add(loc, _unknown(f"'${{{ref}}}': {label} has no field", fld,
-                                           [*ev.fields, *META_FIELDS], "it has"))
+                                           [*ev.fields, *_META_FIELDS], "it has"))
 
 
 def load_site(path: str | Path) -> tuple[SiteConfig, dict[str, Any]]:

@@ -48,6 +48,8 @@ from simulators.procs import AgentProc, LineProc, ReceiverProc, write_site
 from .config import HttpSinkConfig, MqttSinkConfig, load_site
 from .errors import ConfigError
 
+__all__ = ["run_demo"]
+
 # A realistic line: what goes wrong on a real closing station, and how often.
 FRACTIONS = {
     "noread_frac": 0.02,
@@ -93,7 +95,7 @@ STATE_STYLES = {
 }
 
 
-class DemoError(Exception):
+class _CannotRun(Exception):
     """The demo cannot run as asked (bad arguments, a work directory it must not wipe)."""
 
 
@@ -350,7 +352,7 @@ def _throughput(info: _ViewInfo, s: _Sample, width: int, height: int) -> Panel:
         f"last {RATE_WINDOW_SECS:.0f} s",
     )
     t.add_row("business events", _num(eng.get("business_events")), "in total")
-    t.add_row("device messages/s", _num(s.messages_per_s, ",.1f"), "scanner + checkweigher")
+    t.add_row("device messages/s", _num(s.messages_per_s, ",.1f"), "from the devices")
     t.add_row("cartons simulated", _num(s.cartons), f"line at {info.rate:g}/s")
     open_keys = sum((eng.get("open_keys") or {}).values()) if eng else None
     t.add_row("open windows", _num(open_keys), "by tracking id")
@@ -471,10 +473,10 @@ def _fresh_workdir(workdir: Path) -> Path:
     workdir = workdir.resolve()
     if workdir.exists():
         if not workdir.is_dir():
-            raise DemoError(f"--workdir {workdir} is not a directory")
+            raise _CannotRun(f"--workdir {workdir} is not a directory")
         if any(workdir.iterdir()):
             if not (workdir / MARKER).exists():
-                raise DemoError(
+                raise _CannotRun(
                     f"refusing to wipe {workdir}: it is not empty and not a demo work directory "
                     f"(no {MARKER} in it); pass --workdir a new or empty directory"
                 )
@@ -494,7 +496,8 @@ class _Outcome:
     dead: dict[str, int]
     bad_payloads: int
     ran_secs: float
-    problems: list[str]
+    problems: list[str]  # the run went wrong: it fails whatever the ledger says
+    notes: list[str]  # what explains a ledger that does not balance
 
     @property
     def ok(self) -> bool:
@@ -526,6 +529,7 @@ class Demo:
         self.types: dict[str, set[str] | None] = {}
         self.info: _ViewInfo | None = None
         self.problems: list[str] = []
+        self.notes: list[str] = []
         self._backlog: dict[str, int] | None = None
         self._backlog_at = 0.0
         self._sample = _Sample()
@@ -750,11 +754,16 @@ class Demo:
             self._phase = "stopping the line (it finishes the cartons it started)"
             self._wait_exit("carton line", self.line.proc, LINE_STOP_SECS)
             self.line_stopped = time.monotonic()
+            if self.line.proc.returncode not in (0, -signal.SIGKILL):
+                self.notes.append(
+                    f"the carton line exited with {self.line.proc.returncode} (publishes the "
+                    f"broker did not acknowledge?); see {self.line.log_path}"
+                )
         if self.agent is not None and self.agent.proc is not None:
             if self.agent.proc.poll() is None and self.line is not None:
                 self._settle()
             if self.signals.hurry:
-                self.problems.append(
+                self.notes.append(
                     "the shutdown was hurried (second Ctrl-C): the agent stopped before every "
                     "window closed, so events still due are missing"
                 )
@@ -773,7 +782,7 @@ class Demo:
         while not self.signals.hurry and self.agent.proc.poll() is None:
             now = time.monotonic()
             if now > deadline:
-                self.problems.append(
+                self.notes.append(
                     f"the agent did not settle within {SETTLE_MAX_SECS:.0f} s of the line stopping"
                 )
                 return
@@ -809,7 +818,7 @@ class Demo:
         while proc.poll() is None:
             if self.signals.force or time.monotonic() > deadline:
                 why = "on a third Ctrl-C" if self.signals.force else f"after {timeout_secs:.0f} s"
-                self.problems.append(f"the {what} was killed {why}")
+                self.notes.append(f"the {what} was killed {why}")
                 proc.kill()
                 proc.wait()
                 return
@@ -851,6 +860,7 @@ class Demo:
             bad_payloads=sum(eng.get("bad_payloads", {}).values()),
             ran_secs=(self.line_stopped or time.monotonic()) - started,
             problems=self.problems,
+            notes=self.notes,
         )
 
     def _print_summary(self, o: _Outcome) -> None:
@@ -914,21 +924,25 @@ def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
             for label, items in (("missing", led.missing), ("unexpected", led.unexpected),
                                  ("duplicates", led.duplicates), ("wrong", led.wrong_values)):
                 if items:
-                    lines.append(Text(f"           {label}: {', '.join(items[:5])}"
-                                      + (" ..." if len(items) > 5 else ""), style="red"))
-    for p in o.problems:
-        lines.append(Text(f"  problem: {p}", style="red"))
+                    lines.append(Text(f"           {label}: {', '.join(items[:3])}"
+                                      + (" ..." if len(items) > 3 else ""), style="red"))
+    lines += [Text(f"  note: {n}", style="yellow") for n in o.notes]
+    lines += [Text(f"  problem: {p}", style="bold red") for p in o.problems]
     dests = ", ".join(DESTINATIONS[:-1]) + f" and {DESTINATIONS[-1]}"
     if o.ok:
         lines.append(Text(
             f"result: every simulated carton is accounted for exactly once at {dests}",
             style="bold green",
         ))
-    else:
-        bad = [n for n in DESTINATIONS if not o.ledgers[n].ok]
-        where = f" at {', '.join(bad)}" if bad else ""
+    elif bad := [n for n in DESTINATIONS if not o.ledgers[n].ok]:
         lines.append(Text(
-            f"result: NOT every simulated carton is accounted for{where}; logs in {workdir}",
+            f"result: NOT every simulated carton is accounted for at {', '.join(bad)}; "
+            f"logs in {workdir}",
+            style="bold red",
+        ))
+    else:
+        lines.append(Text(
+            f"result: the ledger balances, but the run had problems (above); logs in {workdir}",
             style="bold red",
         ))
     return lines
@@ -963,7 +977,7 @@ def run_demo(*, rate: float, seconds: float, workdir: Path) -> int:
         return 2
     try:
         workdir = _fresh_workdir(workdir)
-    except (DemoError, OSError) as exc:
+    except (_CannotRun, OSError) as exc:
         print(f"edge-agent demo: {exc}", file=sys.stderr)
         return 2
     interactive = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"

@@ -24,10 +24,10 @@ from .config import (
     _checked_by_loader,
     _display_path,
     _locate,
-    _unknown,
-    _where,
     _plain,
     _require_mapping,
+    _unknown,
+    _where,
     read_yaml,
     validation_problems,
 )

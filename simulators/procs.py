@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_SITE = ROOT / "examples" / "site.yaml"
+EXAMPLE_SITE = ROOT / "edge_agent" / "examples" / "site.yaml"
 PROFILES = ROOT / "device_profiles"
 
 
@@ -104,7 +104,7 @@ def write_site(
         "port: 1883": f"port: {broker_port}",
         "http://127.0.0.1:8081/events": wms_url,
         "http://127.0.0.1:8082/events": erp_url,
-        "profiles_dir: ../device_profiles": f"profiles_dir: {PROFILES}",
+        "profiles_dir: ../../device_profiles": f"profiles_dir: {PROFILES}",
         'protocol: "5"': f'protocol: "{protocol}"',
         **(replace or {}),
     }

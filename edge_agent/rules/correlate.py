@@ -76,6 +76,11 @@ class _Emit:
         self.data = compile_data(spec.data)
 
 
+def _subject(value: Any, key: str) -> str:
+    # A subject template naming an input that never came (a timeout) falls back to the key.
+    return key if value is None or value == "" else str(value)
+
+
 class Correlate:
     kind = "correlate"
 
@@ -232,7 +237,7 @@ class Correlate:
             BusinessEvent(
                 id=event_id(self.site, self.name, emit.type, key, *ids),
                 type=emit.type,
-                subject=str(emit.subject(ctx)),
+                subject=_subject(emit.subject(ctx), key),
                 time=t,
                 source=self.source,
                 data=emit.data(ctx),

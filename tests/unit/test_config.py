@@ -17,7 +17,7 @@ from edge_agent.errors import ConfigError, ConfigProblem
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A self-contained copy of examples/site.yaml (so edits to the example do not move lines).
+# A self-contained copy of edge_agent/examples/site.yaml (so edits to the example do not move lines).
 BASE = """\
 site: dc-test-1
 profiles_dir: profiles
@@ -129,7 +129,7 @@ def test_base_config_loads_with_its_profiles(site: Path) -> None:
 
 
 def test_shipped_example_loads() -> None:
-    cfg, profiles = load_site(REPO / "examples" / "site.yaml")
+    cfg, profiles = load_site(REPO / "edge_agent" / "examples" / "site.yaml")
     assert cfg.site == "dc-demo-1"
     assert len(profiles) == 2
 
@@ -216,7 +216,8 @@ def test_device_of_an_input_is_neither_a_name_nor_a_list(site: Path) -> None:
     text = edit(BASE, "{device: CW1, event: weight}", "{device: 7, event: weight}")
     p = only(site, text)
     assert_problem(p, site, line(text, "device: 7"),
-                   "rules[close-station-1].inputs.weight.device: must be a string or a list (got 7)")
+                   "rules[close-station-1].inputs.weight.device: must be a string or a list "
+                   "(got 7)")
 
 
 def test_condition_needs_in_or_equals(site: Path) -> None:
@@ -292,7 +293,8 @@ def test_template_names_an_unknown_builtin(site: Path) -> None:
     text = edit(BASE, "reason: ${reason}", "reason: ${reasn}")
     p = only(site, text)
     assert_problem(p, site, line(text, "${reasn}"),
-                   "on_timeout.data.reason: unknown reference '${reasn}' (did you mean '${reason}'?)")
+                   "on_timeout.data.reason: unknown reference '${reasn}' "
+                   "(did you mean '${reason}'?)")
 
 
 def test_template_names_an_input_without_a_field(site: Path) -> None:
@@ -533,7 +535,8 @@ def test_cli_validate_reports_every_problem_and_exits_2(site: Path) -> None:
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines == [
-        f"{site}:{line(text, 'port: 70000')}: brokers.local.port: must be at most 65535 (got 70000)",
+        f"{site}:{line(text, 'port: 70000')}: brokers.local.port: must be at most 65535 "
+        "(got 70000)",
         f"{site}:{line(text, 'CW7')}: rules[close-station-1].inputs.weight.device: no device "
         "'CW7' (devices: CW1, SCN1)",
         "2 problem(s) found",
@@ -541,7 +544,7 @@ def test_cli_validate_reports_every_problem_and_exits_2(site: Path) -> None:
 
 
 def test_cli_validate_the_example_is_ok() -> None:
-    example = REPO / "examples" / "site.yaml"
+    example = REPO / "edge_agent" / "examples" / "site.yaml"
     result = CliRunner().invoke(main, ["validate", str(example)])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"{example}: ok (")
@@ -556,3 +559,14 @@ def test_cli_validate_as_a_process(site: Path) -> None:
     assert proc.returncode == 2
     assert f"{site}:{line(BASE, 'protocol')}: brokers.local.protocol: must be one of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- the reference ------------------------------------------------------------------------
+
+
+def test_docs_config_md_is_generated_from_the_models() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "docs" / "gen_config_doc.py"), "--check"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr + " (run: python docs/gen_config_doc.py)"

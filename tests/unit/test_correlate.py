@@ -11,7 +11,7 @@ from edge_agent.events import DeviceEvent
 from edge_agent.rules.correlate import Correlate
 from edge_agent.testing.fakes import RecordingOutput
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "site.yaml"
+EXAMPLE = Path(__file__).parents[2] / "edge_agent" / "examples" / "site.yaml"
 T0 = 1_800_000_000.0
 
 
@@ -162,3 +162,13 @@ def test_open_keys_are_bounded(rule_cfg):
     assert rule.open_keys() == 10
     assert out.types() == ["carton_exception"] * 5
     assert rule.counters["forced_expiry"] == 5
+
+
+def test_timeout_subject_naming_a_missing_input_falls_back_to_the_key(rule_cfg):
+    cfg = rule_cfg.model_copy(
+        update={"on_timeout": rule_cfg.on_timeout.model_copy(update={"subject": "${scan.barcode}"})}
+    )
+    rule, out = Correlate(cfg, site="s1"), RecordingOutput()
+    feed(rule, out, weight(20, T0), weight(21, T0 + 7))
+    assert out.types() == ["carton_exception"]
+    assert out.events[0].subject == "T0000020"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ def test_profile_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     text = GOOD.replace("max_length: 64", "max_len: 64")
     [p] = broken(tmp_path, text)
     assert p.line == line(text, "max_len")
-    assert p.message == "events.read.fields.barcode: unknown key 'max_len' (did you mean 'max_length'?)"
+    assert p.message == (
+        "events.read.fields.barcode: unknown key 'max_len' (did you mean 'max_length'?)"
+    )
 
 
 def test_profile_id_fields_names_an_unknown_field(tmp_path: Path) -> None:
@@ -175,7 +177,7 @@ def test_decodes_a_good_payload(decode: Any) -> None:
     d = decode(raw)
     assert d.fields == {"seq": 17, "barcode": "C17", "weight_g": 12.5, "ok": True}
     assert type(d.fields["weight_g"]) is float
-    t = datetime(2026, 11, 22, 10, 0, 0, 123000, tzinfo=timezone.utc).timestamp()
+    t = datetime(2026, 11, 22, 10, 0, 0, 123000, tzinfo=UTC).timestamp()
     assert d.time == t
     assert d.msg_key == f"17@{t!r}"  # the id fields, with the device time
 
@@ -243,7 +245,9 @@ def test_no_time_zone_detail(decode: Any) -> None:
     assert "no time zone" in info.value.detail
 
 
-@pytest.mark.parametrize(("fmt", "value", "expected"), [("epoch_s", 1.5, 1.5), ("epoch_ms", 1500, 1.5)])
+@pytest.mark.parametrize(
+    ("fmt", "value", "expected"), [("epoch_s", 1.5, 1.5), ("epoch_ms", 1500, 1.5)]
+)
 def test_epoch_timestamps(fmt: str, value: float, expected: float) -> None:
     spec = {**SPEC, "time": {"field": "ts", "format": fmt}}
     decode = compile_json_decoder(MqttEventSpec.model_validate(spec))
