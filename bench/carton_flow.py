@@ -24,6 +24,9 @@ cartons flow and parses the big JSON documents after the measurement window clos
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import importlib
 import json
 import math
 import os
@@ -44,9 +47,10 @@ from typing import Any
 
 import psutil
 
+from simulators import procs
 from simulators.broker import Mosquitto
 from simulators.ledger import reconcile
-from simulators.procs import AgentProc, LineProc, ReceiverProc, write_site
+from simulators.procs import AgentProc, LineProc, ReceiverProc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +172,7 @@ class MosqSubRecorder:
                 self.stop()
                 raise RuntimeError(f"mosquitto_sub did not subscribe; see {self.log_path}")
             subprocess.run([pub, "-h", host, "-p", str(port), "-t", self.probe_topic, "-q", "1",
-                            "-V", version, "-m", "probe"], capture_output=True, timeout=10)
+                            "-V", version, "-m", "probe"], capture_output=True, timeout=10, check=False)
             time.sleep(0.1)
         self._probes = self._lines
 
@@ -245,6 +249,21 @@ def _record_bus(args: argparse.Namespace) -> int:
         doc = {"events": rec.events, "arrivals": [m["arrival"] for m in rec.meta]}
     Path(args.out).write_text(json.dumps(doc))
     return 0
+
+
+def code_version() -> dict[str, str]:
+    """The git commit and a hash of the agent's sources as this step runs them (the tree may
+    change between steps while people work; the report flags it)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, cwd=ROOT, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    h = hashlib.sha1()
+    for path in sorted((ROOT / "edge_agent").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return {"git_commit": commit or "unknown", "agent_sources": h.hexdigest()[:10]}
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -425,11 +444,24 @@ def _frame_name(frame: str) -> str:
     return f"{m['func']} ({path})"
 
 
+def _package(name: str) -> str:
+    """"Store.commit (edge_agent/outbox/store.py)" -> "edge_agent/outbox"; "... (paho/mqtt/
+    client.py)" -> "paho"; "... (selectors.py)" -> "selectors"."""
+    m = re.search(r"\(([^()]*)\)$", name)
+    path = m.group(1) if m else name
+    parts = path.split("/")
+    if parts[0] == "edge_agent" and len(parts) > 1:
+        return "/".join(parts[:2]).removesuffix(".py")
+    return parts[0].removesuffix(".py")
+
+
 def summarise_profile(raw_path: Path, top: int = 15) -> dict[str, Any]:
-    """Top functions by own (leaf) samples and by inclusive samples from py-spy's raw
-    (collapsed stack) output recorded with --threads; plus the share of each thread."""
+    """From py-spy's raw (collapsed stack) output recorded with --threads: the top functions
+    by own (leaf) samples; the agent's own functions by inclusive samples (entry points such
+    as cli.run left out); own samples per package; the share of each thread."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     total = 0
     for line in raw_path.read_text(errors="replace").splitlines():
@@ -448,8 +480,10 @@ def summarise_profile(raw_path: Path, top: int = 15) -> dict[str, Any]:
         total += count
         names = [_frame_name(f) for f in frames]
         own[names[-1]] += count
+        packages[_package(names[-1])] += count
         for name in set(names):
-            incl[name] += count
+            if "(edge_agent/" in name and "(edge_agent/cli.py)" not in name:
+                incl[name] += count
 
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(k, round(100.0 * v / total, 1)) for k, v in c.most_common(top)] if total else []
@@ -458,6 +492,7 @@ def summarise_profile(raw_path: Path, top: int = 15) -> dict[str, Any]:
         "samples": total,
         "own": pct(own),
         "inclusive": pct(incl),
+        "packages": pct(packages),
         "threads": pct(threads),
     }
 
@@ -527,7 +562,8 @@ def run_step(
     count = max(MIN_CARTONS, round(rate * seconds))
     workdir = Path(tempfile.mkdtemp(prefix=f"edge-bench-{int(rate)}-"))
     res: dict[str, Any] = {"rate": rate, "seconds": seconds, "count": count, "seed": seed,
-                           "workdir": str(workdir), "profiled": profile_out is not None}
+                           "workdir": str(workdir), "profiled": profile_out is not None,
+                           **code_version()}
     broker: Mosquitto | None = None
     receivers: list[ReceiverProc] = []
     bus: BusRecorderProc | MosqSubRecorder | None = None
@@ -542,7 +578,12 @@ def run_step(
         receivers.append(wms)
         erp = ReceiverProc("erp", workdir)
         receivers.append(erp)
-        config = write_site(workdir, broker_port=broker.port, wms_url=wms.url, erp_url=erp.url)
+        if not procs.EXAMPLE_SITE.exists():
+            # The example site moved since this process started (the tree is being worked on).
+            importlib.reload(procs)
+        config = procs.write_site(
+            workdir, broker_port=broker.port, wms_url=wms.url, erp_url=erp.url
+        )
         bus = make_bus_recorder(bus_recorder, workdir, broker.host, broker.port)
         res["bus_recorder"] = type(bus).__name__
         agent = AgentProc(config, workdir)
@@ -696,7 +737,7 @@ def run_step(
         res["passed"] = not reasons
         ok = True
         return res
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken step is reported, the ladder goes on
         res["error"] = f"{type(exc).__name__}: {exc}"
         res["passed"] = False
         res["failures"] = [res["error"]]
@@ -710,17 +751,19 @@ def run_step(
         if line is not None:
             line.stop()
         if agent is not None:
-            try:
+            # Best effort: on a timeout AgentProc.stop has already killed it.
+            with contextlib.suppress(Exception):
                 agent.stop()
-            except Exception:  # noqa: BLE001 - best effort cleanup; already killed
-                pass
         if bus is not None:
             bus.stop()
         for r in receivers:
             r.stop()
         if broker is not None:
             broker.stop()
-        if ok and not keep and res.get("passed"):
+        # Kept when something is wrong beyond speed (an error, a lost or doubled event), so
+        # the logs, outbox and ground truth can be inspected; a step that was only too slow
+        # has all it says in the JSON.
+        if ok and not keep and res.get("delivered_ok") and res.get("agent_exit_code") == 0:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             res["kept"] = True
