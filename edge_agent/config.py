@@ -219,9 +219,9 @@ class SinkBase(Model):
     event_types: list[str] | None = Field(
         None, description="Event types this sink receives; omitted = all."
     )
-    batch_max_events: int = Field(200, ge=1, le=10_000, description="Most events per send.")
+    batch_max_events: int = Field(500, ge=1, le=10_000, description="Most events per send.")
     batch_linger_ms: float = Field(
-        50, ge=0, le=5000,
+        20, ge=0, le=5000,
         description="While events are flowing, wait this long for a batch to fill before "
         "sending (fewer, larger requests; adds at most this much latency).",
     )

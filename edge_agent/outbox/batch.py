@@ -47,8 +47,8 @@ class Settle:
 
 @dataclass(slots=True)
 class SealedBatch:
-    events: list[tuple[str, str, str, float, float, str]]  # id, type, subject, time, created, body
-    routes: list[tuple[str, str]]  # (sink, event id)
+    events: list[tuple[int, str, str, str, float, float, str]]  # seq, id, type, subject, ...
+    routes: list[tuple[str, int, str]]  # (sink, seq, event id)
     state_upserts: list[tuple[str, str, str]]
     state_deletes: list[tuple[str, str]]
     inputs: list[tuple[str, float]]
@@ -77,8 +77,10 @@ class Batch:
     def state_changed(self, rule: str, key: str, value: Any | None) -> None:
         self.state[(rule, key)] = value
 
-    def seal(self, routes: dict[str, list[str]], now: float) -> SealedBatch:
-        """Serialize; ``routes`` maps event type -> sinks that receive it."""
+    def seal(self, routes: dict[str, list[str]], now: float, first_seq: int) -> SealedBatch:
+        """Serialize; ``routes`` maps event type -> sinks that receive it; events get
+        consecutive outbox sequence numbers from ``first_seq``."""
+        events = self.events
         ups, dels = [], []
         for (rule, key), v in self.state.items():
             if v is None:
@@ -86,8 +88,15 @@ class Batch:
             else:
                 ups.append((rule, key, _dumps(v)))
         return SealedBatch(
-            events=[(e.id, e.type, e.subject, e.time, now, e.body) for e in self.events],
-            routes=[(s, e.id) for e in self.events for s in routes.get(e.type, ())],
+            events=[
+                (first_seq + i, e.id, e.type, e.subject, e.time, now, e.body)
+                for i, e in enumerate(events)
+            ],
+            routes=[
+                (s, first_seq + i, e.id)
+                for i, e in enumerate(events)
+                for s in routes.get(e.type, ())
+            ],
             state_upserts=ups,
             state_deletes=dels,
             inputs=self.inputs,

@@ -2,7 +2,8 @@
 
 One flusher task, one commit in flight at a time: while the database thread fsyncs one
 batch, the next one fills, so the commit rate adapts to the load without per-event work.
-After each commit the batch's acks run (in order) and the dispatchers are woken.
+After each commit the batch's acks run (in order), the new events are handed to each
+sink's ``Feed`` and the dispatchers are woken.
 
 A commit failure is fatal for the agent: nothing of that batch was acknowledged, so the
 broker redelivers it after a restart; continuing would mean acknowledging nothing forever.
@@ -13,16 +14,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import StoreError
 from .batch import Batch
-from .store import Store
+from .store import Pending, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+FEED_MAX_ITEMS = 10_000  # per sink; beyond it the dispatcher reads the outbox instead
+
+
+class Feed:
+    """Events just committed for one sink, handed over in memory so that a dispatcher that
+    keeps up never reads them back from SQLite.
+
+    It holds *every* event for the sink with ``seq > complete_after`` (in order). Bounded:
+    on overflow (a sink that is down) it drops everything and restarts from the last
+    committed seq; the dispatcher then reads the outbox until it has caught up. The outbox
+    stays the truth; the feed is only a shortcut.
+    """
+
+    def __init__(self, complete_after: int, max_items: int = FEED_MAX_ITEMS):
+        self.items: deque[Pending] = deque()
+        self.complete_after = complete_after
+        self.max_items = max_items
+        self.overflows = 0
+
+    def push(self, items: list[Pending], last_seq: int) -> None:
+        self.items.extend(items)
+        if len(self.items) > self.max_items:
+            self.reset(last_seq)
+            self.overflows += 1
+
+    def reset(self, after: int) -> None:
+        self.items.clear()
+        self.complete_after = after
 
 
 class Committer:
@@ -42,6 +73,9 @@ class Committer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._wake = asyncio.Event()
         self._listeners: list[asyncio.Event] = []
+        self.next_seq = store.max_seq() + 1
+        self.flushing = False  # a commit is in flight (its batch is already sealed)
+        self.feeds: dict[str, Feed] = {}
         self._closing = False
         self.commits = 0
         self.committed_events = 0
@@ -54,6 +88,16 @@ class Committer:
         ev = asyncio.Event()
         self._listeners.append(ev)
         return ev
+
+    def durable_after(self) -> int:
+        """The value ``commits`` reaches once what is in ``batch`` now is durable."""
+        return self.commits + (2 if self.flushing else 1)
+
+    def feed(self, sink: str) -> Feed:
+        """The in-memory feed of ``sink`` (created on first call, before any commit)."""
+        if sink not in self.feeds:
+            self.feeds[sink] = Feed(self.next_seq - 1)
+        return self.feeds[sink]
 
     def changed(self) -> None:
         """Something was added to ``self.batch``: make sure a flush follows soon."""
@@ -80,22 +124,46 @@ class Committer:
         if not b and not b.acks:
             return
         t0 = time.perf_counter()
-        sealed = b.seal(self.routes, time.time())
+        first = self.next_seq
+        sealed = b.seal(self.routes, time.time(), first)
+        self.next_seq += len(b.events)
+        self.flushing = True
         try:
-            await self.run_db(self.store.commit, sealed)
+            all_new = await self.run_db(self.store.commit, sealed)
         except StoreError as exc:
             self.failed = exc
             log.error("outbox commit failed; stopping ingest: %s", exc)
             raise
+        finally:
+            self.flushing = False
         self.last_commit_ms = (time.perf_counter() - t0) * 1000
         self.commits += 1
         self.committed_events += len(b.events)
         self.committed_inputs += len(b.inputs)
         for ack in b.acks:
             ack()
+        if b.events:
+            self._feed(b, sealed.routes, first, all_new)
         if b.events or b.settles:
             for ev in self._listeners:
                 ev.set()
+
+    def _feed(self, b: Batch, routes: list[tuple[str, int, str]], first: int, all_new: bool) -> None:
+        last = first + len(b.events) - 1
+        if not all_new:
+            # Some ids were already stored under other seqs: read those from the outbox.
+            for f in self.feeds.values():
+                f.reset(last)
+            return
+        per_sink: dict[str, list[Pending]] = {}
+        events = b.events
+        for sink, seq, _ in routes:
+            e = events[seq - first]
+            per_sink.setdefault(sink, []).append(Pending(seq, e.id, e.type, e.subject, e.body, 0))
+        for sink, f in self.feeds.items():
+            items = per_sink.get(sink)
+            if items:
+                f.push(items, last)
 
     def close(self) -> None:
         self._closing = True

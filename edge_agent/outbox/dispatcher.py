@@ -48,11 +48,13 @@ class Dispatcher:
         self.name = sink.name
         self.committer = committer
         self.wake = committer.listen()
+        self.feed = committer.feed(sink.name)
         self.initial = initial_backoff_secs
         self.cap = max_backoff_secs
         self.max_retry_after = max_retry_after_secs
         self.linger = linger_secs
         self._partial = False  # the last send was not a full batch: traffic is flowing
+        self._from_outbox = False  # read the outbox even where the feed would do (rescan)
         self.cursor = 0
         self.held: list[Pending] = []
         self.failures = 0  # consecutive transient failures
@@ -79,14 +81,13 @@ class Dispatcher:
                 if self._stopping:
                     break
                 self.wake.clear()
-                items = await self.committer.run_db(
-                    self.committer.store.fetch_pending, self.name, self.cursor, self.sink.batch_max_events
-                )
+                items = await self._next_batch()
                 if not items:
                     self.state = "idle"
                     now = time.monotonic()
                     if now - last_rescan > RESCAN_SECS and self.committer.commits >= self._settle_commit:
                         self.cursor = 0  # pick up dead rows an operator put back
+                        self._from_outbox = True
                         last_rescan = now
                         continue
                     if self._stopping:
@@ -119,6 +120,27 @@ class Dispatcher:
                 self.failures = 0
                 self.last_error = None
 
+    async def _next_batch(self) -> list[Pending]:
+        """The next pending events after the cursor: from the in-memory feed when it is
+        complete past the cursor, else from the outbox."""
+        f, limit = self.feed, self.sink.batch_max_events
+        if self.cursor >= f.complete_after and not self._from_outbox:
+            q = f.items
+            while q and q[0].seq <= self.cursor:
+                q.popleft()
+            n = min(limit, len(q))
+            return [q.popleft() for _ in range(n)]
+        complete_after = f.complete_after
+        items = await self.committer.run_db(
+            self.committer.store.fetch_pending, self.name, self.cursor, limit
+        )
+        if not items:
+            # Nothing pending up to what was committed when we asked, which includes
+            # everything up to complete_after: from here on the feed has it all.
+            self.cursor = max(self.cursor, complete_after)
+            self._from_outbox = False
+        return items
+
     def _settle(self, items: list[Pending], results: list[Result]) -> None:
         now = time.time()
         settles = self.committer.batch.settles
@@ -130,7 +152,7 @@ class Dispatcher:
                 settles.append(Settle(self.name, it.seq, DEAD, res[:2000], now))
                 self.dead += 1
                 log.error("sink %s rejected event %s (%s) for good: %s", self.name, it.id, it.type, res[:300])
-        self._settle_commit = self.committer.commits + 2
+        self._settle_commit = self.committer.durable_after()
         self.committer.changed()
 
     async def _backoff(self, exc: RetriableError) -> None:

@@ -145,23 +145,39 @@ class Store:
 
     # --- the agent's path ------------------------------------------------------------------
 
-    def commit(self, b: SealedBatch) -> None:
-        """Make one group-commit batch durable in a single transaction."""
+    def max_seq(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+
+    def commit(self, b: SealedBatch) -> bool:
+        """Make one group-commit batch durable in a single transaction.
+
+        Returns True if every event was new. An event whose id is already in the outbox (a
+        replay after the input dedup window) is not stored again; its deliveries then go to
+        the stored event's sequence number, and the caller must not trust the batch's own.
+        """
         c = self.conn
+        all_new = True
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
                 if b.events:
-                    c.executemany(
-                        "INSERT INTO events(id, type, subject, time, created, body) "
-                        "VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
+                    cur = c.executemany(
+                        "INSERT INTO events(seq, id, type, subject, time, created, body) "
+                        "VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
                         b.events,
                     )
-                if b.routes:
+                    all_new = cur.rowcount == len(b.events)
+                if b.routes and all_new:
+                    c.executemany(
+                        "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts) "
+                        "VALUES (?, ?, 0, 0)",
+                        [(sink, seq) for sink, seq, _ in b.routes],
+                    )
+                elif b.routes:
                     c.executemany(
                         "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts) "
                         "SELECT ?, seq, 0, 0 FROM events WHERE id = ?",
-                        b.routes,
+                        [(sink, id_) for sink, _, id_ in b.routes],
                     )
                 if b.state_upserts:
                     c.executemany(
@@ -191,6 +207,7 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             raise StoreError(f"outbox commit failed: {exc}") from exc
+        return all_new
 
     def fetch_pending(self, sink: str, after_seq: int, limit: int) -> list[Pending]:
         rows = self.conn.execute(

@@ -168,7 +168,7 @@ async def test_send_of_nothing_makes_no_request_and_close_is_idempotent() -> Non
 
 async def test_send_before_start_is_a_programming_error() -> None:
     sink = HttpSink("wms", config(), transport=Mock().transport)
-    assert sink.name == "wms" and sink.batch_max_events == 200
+    assert sink.name == "wms" and sink.batch_max_events == 500
     with pytest.raises(RuntimeError, match="before start"):
         await sink.send(sample_items(1))
 

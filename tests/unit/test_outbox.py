@@ -31,7 +31,7 @@ def commit(store: Store, *events: BusinessEvent, **kw) -> None:
     b.events.extend(events)
     for k, v in kw.items():
         setattr(b, k, v)
-    store.commit(b.seal(ROUTES, 1.0))
+    store.commit(b.seal(ROUTES, 1.0, store.max_seq() + 1))
 
 
 def test_store_is_durable_and_verified_at_open(tmp_path):
@@ -82,10 +82,10 @@ def test_rule_state_and_inputs_survive_reopen(tmp_path):
     b.state_changed("r1", "T1", {"t0": 1.0})
     b.state_changed("r1", "T2", {"t0": 2.0})
     b.inputs.append(("SCN1/read/1", 100.0))
-    s.commit(b.seal(ROUTES, 1.0))
+    s.commit(b.seal(ROUTES, 1.0, s.max_seq() + 1))
     b = Batch()
     b.state_changed("r1", "T2", None)
-    s.commit(b.seal(ROUTES, 1.0))
+    s.commit(b.seal(ROUTES, 1.0, s.max_seq() + 1))
     s.close()
     s = Store(tmp_path / "o.db")
     assert s.load_rule_state() == {"r1": {"T1": '{"t0":1.0}'}}
@@ -243,3 +243,101 @@ def test_event_id_is_uuid5_of_the_parts():
     parts = ("dc-1", "close-station-1", "carton_closed", "T1", "SCN1/read/1@1.5", "CW1/weight/9@1.7")
     assert event_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
     assert event_id(*parts) != event_id(*parts[:-1])
+
+
+def test_a_replayed_event_id_is_not_stored_twice_and_keeps_its_seq(tmp_path):
+    s = Store(tmp_path / "o.db")
+    b = Batch()
+    b.events.append(bev(1))
+    assert s.commit(b.seal(ROUTES, 1.0, 1)) is True
+    b = Batch()
+    b.events += [bev(1), bev(2)]  # id-1 again (a replay), under a new seq
+    assert s.commit(b.seal(ROUTES, 1.0, 2)) is False
+    rows = s.fetch_pending("wms", 0, 10)
+    assert [(r.seq, r.id) for r in rows] == [(1, "id-1"), (3, "id-2")]
+    assert s.stats()["events"] == 2
+
+
+class CountingStore(Store):
+    fetches = 0
+
+    def fetch_pending(self, *a):
+        CountingStore.fetches += 1
+        return super().fetch_pending(*a)
+
+
+async def _deliver(c: Committer, d: Dispatcher, sink: ScriptedSink, n: int) -> None:
+    for _ in range(300):
+        if sum(len(x) for x in sink.sent) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_caught_up_dispatcher_takes_events_from_memory_and_reads_the_outbox_after_overflow(tmp_path):
+    s = CountingStore(tmp_path / "o.db")
+    c = Committer(s, ROUTES, interval_ms=1)
+    ctask = asyncio.create_task(c.run())
+    sink = ScriptedSink([])
+    sink.batch_max_events = 1000
+    d = Dispatcher(sink, c, linger_secs=0)
+    dtask = asyncio.create_task(d.run())
+    await asyncio.sleep(0.05)  # the dispatcher catches up on the empty outbox once
+    before = CountingStore.fetches
+    for i in range(50):
+        c.batch.events.append(bev(i))
+        c.changed()
+        await asyncio.sleep(0.002)
+    await _deliver(c, d, sink, 50)
+    assert CountingStore.fetches == before  # nothing read back from SQLite
+    # Overflow (as when a sink is down): the feed restarts and the outbox is read instead.
+    d.feed.max_items = 5
+    d.stop()
+    await asyncio.wait_for(dtask, 5)
+    for i in range(50, 80):
+        c.batch.events.append(bev(i))
+    c.changed()
+    await asyncio.sleep(0.05)
+    assert d.feed.overflows == 1
+    d2 = Dispatcher(sink, c, linger_secs=0)
+    d2.feed.max_items = 5
+    d2.cursor = d.cursor
+    d2task = asyncio.create_task(d2.run())
+    await _deliver(c, d2, sink, 80)
+    assert CountingStore.fetches > before
+    sent = [i for batch in sink.sent for i in batch]
+    assert sent == [f"id-{i}" for i in range(80)]  # each once, in order
+    d2.stop()
+    await asyncio.wait_for(d2task, 5)
+    c.close()
+    await asyncio.wait_for(ctask, 5)
+    c.shutdown_executor()
+
+
+async def test_an_idle_dispatcher_picks_up_dead_letters_put_back_by_an_operator(tmp_path, monkeypatch):
+    import edge_agent.outbox.dispatcher as dispatcher_mod
+
+    monkeypatch.setattr(dispatcher_mod, "RESCAN_SECS", 0.05)
+    s = Store(tmp_path / "o.db")
+    c = Committer(s, ROUTES, interval_ms=1)
+    ctask = asyncio.create_task(c.run())
+    sink = ScriptedSink(["reject-first"])
+    d = Dispatcher(sink, c, linger_secs=0)
+    dtask = asyncio.create_task(d.run())
+    c.batch.events += [bev(1), bev(2)]
+    c.changed()
+    for _ in range(100):
+        if d.dead == 1 and d.delivered == 1:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the settles are committed
+    assert await c.run_db(s.retry_dead) == 1  # as `edge-agent outbox retry` does
+    for _ in range(100):
+        if d.delivered == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert sink.sent[-1] == ["id-1"]
+    d.stop()
+    await asyncio.wait_for(dtask, 5)
+    c.close()
+    await asyncio.wait_for(ctask, 5)
+    c.shutdown_executor()
