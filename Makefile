@@ -29,7 +29,7 @@ mosquitto:
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
 		$$SUDO apt-get install -y mosquitto >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y mosquitto >/dev/null 2>&1; } || \
-		echo "could not install mosquitto: the demo falls back to its embedded broker; tests need mosquitto"; \
+		echo "could not install mosquitto: the demo uses its embedded broker (amqtt); the tests need mosquitto"; \
 	fi
 
 test: deps

@@ -40,7 +40,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from simulators.broker import Mosquitto, find_mosquitto
+from simulators.broker import EmbeddedBroker, Mosquitto, find_amqtt, find_mosquitto, local_broker
 from simulators.bus_recorder import BusRecorder
 from simulators.ledger import Ledger, reconcile
 from simulators.procs import AgentProc, LineProc, ReceiverProc, write_site
@@ -518,7 +518,7 @@ class Demo:
         self.started = time.monotonic()
         self.line_started: float | None = None
         self.line_stopped: float | None = None
-        self.broker: Mosquitto | None = None
+        self.broker: Mosquitto | EmbeddedBroker | None = None
         self.receivers: dict[str, ReceiverProc] = {}
         self.agent: AgentProc | None = None
         self.line: LineProc | None = None
@@ -559,12 +559,15 @@ class Demo:
         wd = self.workdir
         with _children_deaf_to_ctrl_c():
             self._say(f"starting: broker, stand-in WMS and ERP, agent (workdir {wd})")
-            self.broker = Mosquitto(workdir=wd / "broker").start()
+            self.broker = local_broker(wd / "broker")
+            if isinstance(self.broker, EmbeddedBroker):
+                self._say("mosquitto is not installed: using the embedded amqtt broker (MQTT 3.1.1)")
             for name in RECEIVERS:
                 self.receivers[name] = ReceiverProc(name, wd)
             config = write_site(
                 wd, broker_port=self.broker.port,
                 wms_url=self.receivers["wms"].url, erp_url=self.receivers["erp"].url,
+                protocol=self.broker.protocol,
             )
             site, _profiles = load_site(config)
             self._learn(site)
@@ -575,7 +578,9 @@ class Demo:
             assert isinstance(bus_cfg, MqttSinkConfig)
             prefix = bus_cfg.prefix.replace("{site}", site.site)
             # Subscribed before the agent starts, so it sees every event the bus carries.
-            self.bus = BusRecorder(self.broker.host, self.broker.port, f"{prefix}/events/#")
+            self.bus = BusRecorder(
+                self.broker.host, self.broker.port, f"{prefix}/events/#", self.broker.protocol
+            )
             self.agent = AgentProc(config, wd).start()
         if not self._wait_ready():
             return
@@ -583,6 +588,7 @@ class Demo:
             self.line = LineProc(
                 wd, port=self.broker.port, count=None, rate=self.rate, seed=SEED,
                 fractions=FRACTIONS, ground_truth=self.truth.path,
+                protocol=self.broker.protocol,
             )
         self.line_started = time.monotonic()
         self._phase = "running"
@@ -968,10 +974,11 @@ def run_demo(*, rate: float, seconds: float, workdir: Path) -> int:
     if rate <= 0:
         print(f"edge-agent demo: --rate must be > 0, got {rate:g}", file=sys.stderr)
         return 2
-    if find_mosquitto() is None:
+    if find_mosquitto() is None and find_amqtt() is None:
         print(
-            "edge-agent demo needs the mosquitto MQTT broker: install it with "
-            "`sudo apt-get install mosquitto` (`make demo` does this for you)",
+            "edge-agent demo needs an MQTT broker: install mosquitto with "
+            "`sudo apt-get install mosquitto` (`make demo` does this for you, or installs "
+            "the embedded amqtt broker where apt-get cannot)",
             file=sys.stderr,
         )
         return 2

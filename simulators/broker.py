@@ -7,9 +7,11 @@ large in-flight window so manual acknowledgement does not throttle ingest.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +30,8 @@ def find_mosquitto() -> str | None:
 
 
 class Mosquitto:
+    protocol = "5"
+
     def __init__(
         self, port: int | None = None, *, workdir: Path | None = None, verbose: bool = False,
         persistent: bool = False,
@@ -105,3 +109,75 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def find_amqtt() -> str | None:
+    """The embedded Python broker (amqtt), when installed."""
+    exe = Path(sys.executable).parent / "amqtt"
+    return str(exe) if exe.exists() else shutil.which("amqtt")
+
+
+class EmbeddedBroker:
+    """amqtt, a pure-Python MQTT 3.1.1 broker: the demo's fallback where mosquitto cannot be
+    installed. Enough for live traffic; it does not queue messages for offline persistent
+    sessions, so the tests (which kill the agent) always use mosquitto."""
+
+    protocol = "3.1.1"
+
+    def __init__(self, port: int | None = None, *, workdir: Path | None = None):
+        exe = find_amqtt()
+        if exe is None:
+            raise RuntimeError("neither mosquitto nor amqtt is installed")
+        self.exe = exe
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="amqtt-")
+        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        conf = self.workdir / "amqtt.yaml"
+        conf.write_text(
+            "listeners:\n  default:\n    type: tcp\n"
+            f"    bind: {self.host}:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
+        self._log = open(self.workdir / "amqtt.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"amqtt exited at start; see {self.workdir / 'amqtt.log'}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"amqtt did not listen on {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        if self._tmp:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def local_broker(workdir: Path) -> Mosquitto | EmbeddedBroker:
+    """mosquitto when installed, else the embedded amqtt broker (MQTT 3.1.1).
+
+    ``EDGE_AGENT_DEMO_BROKER=amqtt`` picks the embedded one even where mosquitto is there.
+    """
+    if find_mosquitto() is not None and os.environ.get("EDGE_AGENT_DEMO_BROKER") != "amqtt":
+        return Mosquitto(workdir=workdir).start()
+    return EmbeddedBroker(workdir=workdir).start()

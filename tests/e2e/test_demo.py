@@ -19,9 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulators.broker import find_mosquitto
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 RESULT_OK = "result: every simulated carton is accounted for exactly once at wms, erp and bus"
 LEDGER = re.compile(r"^\s+(wms|erp|bus)\s+ok\s+([\d,]+)/([\d,]+) cartons;", re.MULTILINE)
@@ -42,10 +40,10 @@ def _env() -> dict[str, str]:
 class Demo:
     """A running demo whose output is collected line by line by a reader thread."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
             _demo_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=_env(), start_new_session=True,  # its own process group, as in a terminal
+            env={**_env(), **(env or {})}, start_new_session=True,  # its own process group, as in a terminal
         )
         self.lines: list[str] = []
         self.running = threading.Event()
@@ -118,7 +116,6 @@ def _watch(demo: Demo, secs: float) -> None:
         time.sleep(0.5)
 
 
-@needs_mosquitto
 @pytest.mark.timeout(90)
 def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
     demo = Demo("--seconds", "8", "--rate", "100", "--workdir", str(tmp_path / "demo"))
@@ -137,7 +134,6 @@ def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
         demo.kill()
 
 
-@needs_mosquitto
 @pytest.mark.timeout(90)
 def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
     demo = Demo("--rate", "100", "--workdir", str(tmp_path / "demo"))
@@ -158,7 +154,6 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
         demo.kill()
 
 
-@needs_mosquitto
 def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     r = subprocess.run(
@@ -170,10 +165,30 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_demo_without_mosquitto_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+@pytest.mark.timeout(90)
+def test_demo_falls_back_to_the_embedded_broker(tmp_path):
+    demo = Demo(
+        "--seconds", "6", "--rate", "50", "--workdir", str(tmp_path / "demo"),
+        env={"EDGE_AGENT_DEMO_BROKER": "amqtt"},
+    )
+    try:
+        assert demo.running.wait(30), demo.output()
+        _watch(demo, 60)
+        rc = demo.wait(60)
+        out = demo.output()
+        assert rc == 0, out[-4000:]
+        assert "embedded amqtt broker" in out
+        assert_all_accounted(out)
+        assert_no_child_left(demo)
+    finally:
+        demo.kill()
+
+
+def test_demo_without_any_broker_says_how_to_install_one(tmp_path, monkeypatch, capsys):
     from edge_agent import demo
 
     monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(demo, "find_amqtt", lambda: None)
     assert demo.run_demo(rate=100, seconds=1, workdir=tmp_path / "demo") == 2
     err = capsys.readouterr().err
     assert "apt-get install mosquitto" in err and len(err.strip().splitlines()) == 1
