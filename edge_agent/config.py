@@ -221,7 +221,7 @@ class SinkBase(Model):
     )
     batch_max_events: int = Field(500, ge=1, le=10_000, description="Most events per send.")
     batch_linger_ms: float = Field(
-        20, ge=0, le=5000,
+        50, ge=0, le=5000,
         description="While events are flowing, wait this long for a batch to fill before "
         "sending (fewer, larger requests; adds at most this much latency).",
     )
@@ -249,7 +249,7 @@ class MqttSinkConfig(SinkBase):
         "edge/{site}", description="Topic prefix template; events go to {prefix}/events/{type}."
     )
     batch_max_events: int = Field(500, ge=1, le=10_000, description="Most events per send.")
-    batch_linger_ms: float = Field(10, ge=0, le=5000, description="See the HTTP sink's.")
+    batch_linger_ms: float = Field(25, ge=0, le=5000, description="See the HTTP sink's.")
     publish_timeout_secs: float = Field(10.0, gt=0, description="Wait for the broker's acks.")
 
 
@@ -265,7 +265,7 @@ class OutboxConfig(Model):
         2048, ge=16, description="Disk quota; business events are never dropped, ingest pauses."
     )
     commit_interval_ms: float = Field(
-        2.0, ge=0, le=1000, description="Longest an event waits to join a group commit."
+        10.0, ge=0, le=1000, description="Longest an event waits to join a group commit."
     )
     commit_max_items: int = Field(2000, ge=1, description="Most inputs in one group commit.")
     dedup_retention_secs: int = Field(
