@@ -23,7 +23,7 @@ from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
 from .outbox.store import Store
 from .profiles import Profile
-from .rules.correlate import Correlate
+from .rules import build_rule
 from .rules.engine import Engine
 from .runtime.clock import Clock, SystemClock
 from .runtime.supervisor import Health, supervise
@@ -86,7 +86,7 @@ class Agent:
         self.committer = Committer(
             self.store, self._routes(), interval_ms=ob.commit_interval_ms, max_items=ob.commit_max_items
         )
-        rules = [Correlate(r, site=site.site) for r in site.rules]
+        rules = [build_rule(r, site=site.site) for r in site.rules]
         self.engine = Engine(
             rules, self.committer, self.clock, site=site.site, dedup_retention_secs=ob.dedup_retention_secs
         )
