@@ -66,7 +66,8 @@ def test_wms_outage_holds_back_nothing_else_and_recovers(line):
     assert line.wms.stats()["unique"] == 0
     n429 = line.wms.stats()["statuses"].get("429", 0)
     elapsed = time.monotonic() - t429
-    assert 1 <= n429 <= elapsed / 2 + 2, (n429, elapsed)  # Retry-After: 2 s was honoured
+    assert n429 >= 1, "the WMS answered 429 at least once"
+    assert n429 <= elapsed / 2 + 2, (n429, elapsed)  # Retry-After: 2 s was honoured
     st = line.agent.status()
     assert st["sinks"]["wms"]["state"] == "backoff" and st["sinks"]["wms"]["failures"] > 2
     line.wms.control(mode="ok")
