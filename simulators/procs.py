@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from .broker import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SITE = ROOT / "edge_agent" / "examples" / "site.yaml"
 PROFILES = ROOT / "device_profiles"
@@ -74,13 +76,7 @@ class ReceiverProc:
         return n
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stdout:
             self.proc.stdout.close()
         self._log.close()
@@ -209,10 +205,4 @@ class LineProc:
         return json.loads(self.ground_truth.read_text())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
