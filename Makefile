@@ -32,8 +32,11 @@ mosquitto:
 		echo "could not install mosquitto: the demo uses its embedded broker (amqtt); the tests need mosquitto"; \
 	fi
 
-test: deps
+test: deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check edge_agent simulators tests bench
 
 # The soak tests too (long).
 test-all: deps

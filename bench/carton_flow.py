@@ -96,7 +96,7 @@ class BusRecorderProc:
         self.out = workdir / "bus.json"
         self.progress = workdir / "bus.progress"
         self.log_path = workdir / "bus-recorder.log"
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.carton_flow", "record-bus", "--host", host,
              "--port", str(port), "--topic", topic, "--protocol", protocol,
@@ -152,8 +152,8 @@ class MosqSubRecorder:
         self.out = workdir / "bus.txt"
         self.log_path = workdir / "bus-recorder.log"
         version = "5" if protocol == "5" else "311"
-        self._out = open(self.out, "wb")  # noqa: SIM115 - closed in stop()
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        self._out = open(self.out, "wb")
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [exe, "-h", host, "-p", str(port), "-t", topic, "-q", "1", "-V", version,
              "-F", "%U %t %p", "-i", f"bench-bus-{os.getpid()}"],
@@ -400,7 +400,7 @@ class Sampler(threading.Thread):
         self.join(5)
         ncpu = psutil.cpu_count() or 1
         out = []
-        for (t0, a0, b0, n0), (t1, a1, b1, n1) in zip(self.samples, self.samples[1:]):
+        for (t0, a0, b0, n0), (t1, a1, b1, n1) in zip(self.samples, self.samples[1:], strict=False):
             dt = max(t1 - t0, 1e-9)
             out.append({
                 "t": round(t1 - self.samples[0][0], 2),
@@ -506,7 +506,7 @@ class PySpy:
             raise RuntimeError("py-spy is not installed (.venv/bin/pip install py-spy)")
         self.out = out
         self.log_path = out.with_suffix(".log")
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [exe, "record", "--pid", str(pid), "--rate", str(rate), "--threads",
              "--format", "raw", "--output", str(out)],
@@ -737,7 +737,7 @@ def run_step(
         res["passed"] = not reasons
         ok = True
         return res
-    except Exception as exc:  # noqa: BLE001 - a broken step is reported, the ladder goes on
+    except Exception as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"
         res["passed"] = False
         res["failures"] = [res["error"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -227,7 +228,8 @@ class Agent:
             await asyncio.sleep(MAINTENANCE_SECS)
             now = self.clock.now()
             await self.committer.run_db(
-                lambda: self.store.prune(  # type: ignore[union-attr]
+                functools.partial(
+                    self.store.prune,
                     inputs_before=now - ob.dedup_retention_secs,
                     delivered_before=now - ob.delivered_retention_secs,
                 )

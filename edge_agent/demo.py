@@ -649,7 +649,7 @@ class Demo:
         for what, step in steps:
             try:
                 step()
-            except Exception as exc:  # noqa: BLE001 - the others must still be stopped
+            except Exception as exc:
                 self._say(f"stopping the {what} failed: {exc!r}")
 
     # --- showing -----------------------------------------------------------------------------
@@ -839,7 +839,7 @@ class Demo:
         for name, r in self.receivers.items():
             try:
                 received[name] = r.received()["events"]
-            except Exception as exc:  # noqa: BLE001 - reported, the summary still prints
+            except Exception as exc:
                 self.problems.append(f"could not read what the {name} received: {exc!r}")
                 received[name] = []
         if self.bus is not None:

@@ -277,6 +277,6 @@ class MqttLink:
                 pass
         try:
             self.client._sock_close()  # paho has no public "drop the socket" call
-        except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways
+        except Exception:
             pass
         self._lost("closed")

@@ -149,7 +149,7 @@ class EmbeddedBroker:
             "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
             "    allow_anonymous: true\n"
         )
-        self._log = open(self.workdir / "amqtt.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.workdir / "amqtt.log", "wb")
         self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -580,7 +580,7 @@ def run_line(
     done_cartons: list[Carton] = []
     lines: IO[str] | None = None
     if ground_truth_path is not None and count is None:
-        lines = open(ground_truth_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        lines = open(ground_truth_path, "a", encoding="utf-8")
     try:
         stamper = _Stamper()
         clock = _WallClockTs()

@@ -37,7 +37,7 @@ class ReceiverProc:
     def __init__(self, name: str, workdir: Path, port: int = 0, control_port: int = 0):
         self.name = name
         self.log_path = workdir / f"receiver-{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "simulators.receiver", "--name", name,
              "--port", str(port), "--control-port", str(control_port)],
@@ -125,7 +125,7 @@ class AgentProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProc:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "run", "-c", str(self.config),
              "--status-file", str(self.status_file), "--log-level", self.log_level],
@@ -194,7 +194,7 @@ class LineProc:
         for k, v in (fractions or {}).items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         self.log_path = workdir / f"line-{start_index}.log"
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=_env(), cwd=ROOT)
         log.close()
 

@@ -93,7 +93,7 @@ class MqttConnector:
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         try:
             self._handle(msg)
-        except Exception as exc:  # noqa: BLE001 - one message must not stall the connection
+        except Exception as exc:
             # A bug in a rule or decoder: keep the message for inspection and go on.
             if not self._internal_errors:
                 log.exception("internal error handling a message on %s; set aside", msg.topic)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import CorrelateRule, Condition
+from ..config import Condition, CorrelateRule
 from ..events import BusinessEvent, DeviceEvent, event_id
 from .base import Output, compile_data, compile_template
 

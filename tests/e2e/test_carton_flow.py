@@ -21,6 +21,7 @@ from tests.e2e.harness import (
     assert_all_delivered,
 )
 
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_cartons_reach_wms_erp_and_bus_exactly_once(broker, tmp_path, protocol):
     line = Line(broker, tmp_path, protocol)

@@ -19,8 +19,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-
-
 RESULT_OK = "result: every simulated carton is accounted for exactly once at wms, erp and bus"
 LEDGER = re.compile(r"^\s+(wms|erp|bus)\s+ok\s+([\d,]+)/([\d,]+) cartons;", re.MULTILINE)
 
