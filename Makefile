@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help deps mosquitto test test-all demo bench lint clean
+.PHONY: help deps mosquitto mbpoll test test-all demo bench lint clean
 
 help:
 	@echo "make demo   run the simulated packing line, broker, WMS/ERP stand-ins and the agent"
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
-deps: $(STAMP) mosquitto
+deps: $(STAMP) mosquitto mbpoll
 
 # mosquitto is the broker the tests and the demo use; install it when it is missing.
 mosquitto:
@@ -30,6 +30,17 @@ mosquitto:
 		$$SUDO apt-get install -y mosquitto >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y mosquitto >/dev/null 2>&1; } || \
 		echo "could not install mosquitto: the demo uses its embedded broker (amqtt); the tests need mosquitto"; \
+	fi
+
+# mbpoll (Debian) is the Modbus client we did not write that the interop test reads our
+# simulators with; only the tests need it.
+mbpoll:
+	@if ! command -v mbpoll >/dev/null 2>&1; then \
+		echo "mbpoll not found: installing it with apt-get"; \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+		$$SUDO apt-get install -y mbpoll >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y mbpoll >/dev/null 2>&1; } || \
+		echo "could not install mbpoll: the Modbus interop test will fail"; \
 	fi
 
 test: deps lint

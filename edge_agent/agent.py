@@ -18,12 +18,22 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from .config import BrokerConfig, HttpSinkConfig, MqttConnection, MqttSinkConfig, SiteConfig
+from .config import (
+    BrokerConfig,
+    HttpSinkConfig,
+    ModbusConnection,
+    MqttConnection,
+    MqttSinkConfig,
+    SiteConfig,
+)
+from .connectors.modbus import ModbusConnector
 from .connectors.mqtt import MqttConnector
+from .events import iso_time
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
 from .outbox.store import Store
-from .profiles import Profile
+from .profiles import AnyProfile
+from .profiles_modbus import ModbusProfile
 from .rules import build_rule
 from .rules.engine import Engine
 from .runtime.clock import Clock, SystemClock
@@ -41,7 +51,7 @@ class Agent:
     def __init__(
         self,
         site: SiteConfig,
-        profiles: dict[str, Profile],
+        profiles: dict[str, AnyProfile],
         *,
         base_dir: Path,
         clock: Clock | None = None,
@@ -61,7 +71,7 @@ class Agent:
         self.engine: Engine | None = None
         self.sinks: dict[str, Sink] = {}
         self.dispatchers: list[Dispatcher] = []
-        self.connectors: list[MqttConnector] = []
+        self.connectors: list[MqttConnector | ModbusConnector] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
         self.ingest_paused = False
@@ -72,8 +82,8 @@ class Agent:
     def _routes(self) -> dict[str, list[str]]:
         types: set[str] = set()
         for r in self.site.rules:
-            types |= {r.emit.type, *(t.emit.type for t in r.terminate_on)}
-            if r.on_timeout:
+            types |= {r.emit.type, *(t.emit.type for t in getattr(r, "terminate_on", ()))}
+            if getattr(r, "on_timeout", None):
                 types.add(r.on_timeout.type)
         return {
             t: [n for n, s in self.site.sinks.items() if s.event_types is None or t in s.event_types]
@@ -119,6 +129,11 @@ class Agent:
         for dev_id, dev in site.devices.items():
             if isinstance(dev.connection, MqttConnection):
                 by_broker.setdefault(dev.connection.broker, {})[dev_id] = dev
+        for dev_id, dev in site.devices.items():
+            if isinstance(dev.connection, ModbusConnection):
+                prof = self.profiles[dev.profile]
+                assert isinstance(prof, ModbusProfile)
+                self.connectors.append(ModbusConnector(dev_id, dev.connection, prof, self.clock))
         for broker, devices in sorted(by_broker.items()):
             self.connectors.append(
                 MqttConnector(
@@ -159,6 +174,7 @@ class Agent:
         self._task(self._maintenance(), "maintenance")
         if self.status_file:
             self._task(self._write_status_loop(), "status")
+        self._task(self._device_status_loop(), "device-status")
         conn_tasks = [
             asyncio.create_task(
                 supervise(c.name, lambda c=c: c.run(self.engine), c.health), name=c.name
@@ -189,7 +205,7 @@ class Agent:
         assert self.committer and self.store
         log.info("stopping: connectors first")
         for c in self.connectors:
-            if c.link is not None:
+            if isinstance(c, MqttConnector) and c.link is not None:
                 c.link.pause_reading()
         # Commit and acknowledge what was read, while the links are still up.
         if not commit_task.done():
@@ -239,7 +255,7 @@ class Agent:
             if over != self.ingest_paused:
                 self.ingest_paused = over
                 for c in self.connectors:
-                    if c.link is not None:
+                    if isinstance(c, MqttConnector) and c.link is not None:
                         (c.link.pause_reading if over else c.link.resume_reading)()
                 if over:
                     log.error(
@@ -252,6 +268,29 @@ class Agent:
 
     # --- status ----------------------------------------------------------------------------
 
+    def _device_health(self) -> dict[str, Health]:
+        out: dict[str, Health] = {}
+        for c in self.connectors:
+            if isinstance(c, ModbusConnector):
+                out[c.device] = c.health
+            else:
+                out.update({d: c.health for d in c.devices})
+        return out
+
+    async def _device_status_loop(self) -> None:
+        """Publish each device's status, retained, whenever it changes (and on reconnect)."""
+        sent: dict[tuple[str, str], tuple[str, float]] = {}
+        sinks = [s for s in self.sinks.values() if isinstance(s, MqttSink)]
+        while True:
+            for dev, h in self._device_health().items():
+                payload = {"state": h.state, "since": iso_time(h.since), "last_error": h.last_error}
+                for s in sinks:
+                    key = (s.name, dev)
+                    stamp = (h.state, id(s.link))  # a new link (reconnect) republishes
+                    if sent.get(key) != stamp and s.publish_device_status(dev, payload):
+                        sent[key] = stamp  # type: ignore[assignment]
+            await asyncio.sleep(1.0)
+
     def status(self) -> dict[str, Any]:
         assert self.engine and self.committer
         return {
@@ -261,7 +300,11 @@ class Agent:
             "started_at": self.started_at,
             "ingest_paused": self.ingest_paused,
             "connectors": {
-                c.name: {**_health(c.health), "received": c.received} for c in self.connectors
+                c.name: (
+                    {**_health(c.health), "received": c.received}
+                    if isinstance(c, MqttConnector) else c.status()
+                )
+                for c in self.connectors
             },
             "engine": {
                 **self.engine.counters,

@@ -91,7 +91,28 @@ class MqttConnection(Model):
         return v
 
 
-Connection = Annotated[MqttConnection, Field(discriminator="kind")]
+class ModbusConnection(Model):
+    kind: Literal["modbus"] = Field(description="Connection kind.")
+    host: str = Field(description="Device (or serial gateway) host name or address.")
+    port: int = Field(502, ge=1, le=65535, description="Modbus TCP port.")
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave) id.")
+    framing: Literal["tcp", "rtu_over_tcp"] = Field(
+        "tcp", description="tcp (MBAP), or rtu_over_tcp for serial gateways that pass RTU frames."
+    )
+    timeout_ms: int = Field(1000, ge=10, le=60_000, description="Timeout of one request.")
+    max_registers_per_read: int | None = Field(
+        None, ge=1, le=125, description="Override of the profile's limit for this device."
+    )
+    max_gap: int = Field(
+        8, ge=0, le=120, description="Unused registers/bits worth reading through to save a request."
+    )
+    degraded_after_failures: int = Field(1, ge=1, description="Failed polls before degraded.")
+    offline_after_failures: int = Field(
+        3, ge=1, description="Failed polls in a row before offline (reconnect with backoff)."
+    )
+
+
+Connection = Annotated[MqttConnection | ModbusConnection, Field(discriminator="kind")]
 
 
 class DeviceConfig(Model):
@@ -139,7 +160,10 @@ class Condition(Model):
 
 class InputSpec(Model):
     device: Name | list[Name] = Field(description="Device id (or list) this input comes from.")
-    event: Name = Field(description="Event name in the device's profile.")
+    event: Name | list[Name] = Field(
+        description="Event name in the device's profile (or a list, for a map rule that "
+        "treats several alike events the same)."
+    )
 
 
 class TerminateSpec(Model):
@@ -201,7 +225,18 @@ class CorrelateRule(Model):
         return self
 
 
-RuleConfig = Annotated[CorrelateRule, Field(discriminator="kind")]
+class MapRule(Model):
+    kind: Literal["map"] = Field(description="Rule kind.")
+    name: Name = Field(description="Rule name; part of every event id and `source`.")
+    inputs: dict[Name, InputSpec] = Field(
+        min_length=1, max_length=1,
+        description="The one input whose every device event becomes a business event.",
+    )
+    when: Condition | None = Field(None, description="Only device events that match.")
+    emit: EmitSpec = Field(description="The business event emitted for each device event.")
+
+
+RuleConfig = Annotated[CorrelateRule | MapRule, Field(discriminator="kind")]
 
 
 # --- sinks ---------------------------------------------------------------------------------

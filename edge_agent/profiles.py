@@ -32,6 +32,7 @@ from .config import (
     validation_problems,
 )
 from .errors import ConfigError, ConfigProblem, PayloadError
+from .profiles_modbus import ModbusProfile
 
 FieldType = Literal["string", "int", "float", "bool"]
 
@@ -83,6 +84,8 @@ class MqttEventSpec(Model):
 
 
 class Profile(Model):
+    """A device that speaks MQTT with JSON payloads (``protocol: mqtt``)."""
+
     version: int = Field(ge=1, description="Version of this profile file.")
     vendor: str = Field(description="Equipment vendor.")
     model: str = Field(description="Equipment model.")
@@ -91,16 +94,22 @@ class Profile(Model):
     events: dict[Name, MqttEventSpec] = Field(min_length=1, description="Events the device emits.")
 
 
-def load_profile(path: Path) -> Profile:
+AnyProfile = Profile | ModbusProfile
+
+
+def load_profile(path: Path) -> AnyProfile:
     """Load one profile file; every problem is located in that file (ConfigError)."""
     file = str(path)
     doc = read_yaml(path)
     _require_mapping(file, doc, "profile file")
     problems = _reference_problems(file, doc)
+    model: type[Profile] | type[ModbusProfile] = (
+        ModbusProfile if doc.get("protocol") == "modbus" else Profile
+    )
     try:
-        profile = Profile.model_validate(_plain(doc), context={_LOADER: True})
+        profile = model.model_validate(_plain(doc), context={_LOADER: True})
     except ValidationError as exc:
-        problems += validation_problems(file, doc, exc, Profile)
+        problems += validation_problems(file, doc, exc, model)
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: p.line or 0))
     return profile
@@ -129,9 +138,9 @@ def _reference_problems(file: str, doc: Any) -> list[ConfigProblem]:
 
 def load_profiles(
     directory: Path, wanted: Iterable[str] | None = None
-) -> tuple[dict[str, Profile], list[ConfigProblem]]:
+) -> tuple[dict[str, AnyProfile], list[ConfigProblem]]:
     """Load the named profiles (all when ``wanted`` is None); return them and every problem."""
-    profiles: dict[str, Profile] = {}
+    profiles: dict[str, AnyProfile] = {}
     problems: list[ConfigProblem] = []
     if not directory.is_dir():
         return profiles, [ConfigProblem(str(directory), None, "profiles directory does not exist")]

@@ -49,6 +49,7 @@ class MqttConnector:
         self.broker = broker
         self.clock = clock
         self.client_id = client_id
+        self.devices = sorted(devices)
         self.routes: dict[str, _Route] = {}
         self.qos: dict[str, int] = {}
         for dev_id, dev in devices.items():

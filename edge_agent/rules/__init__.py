@@ -11,8 +11,9 @@ from typing import Any
 
 from .base import Rule
 from .correlate import Correlate
+from .map import Map
 
-RULE_KINDS: dict[str, Any] = {"correlate": Correlate}
+RULE_KINDS: dict[str, Any] = {"correlate": Correlate, "map": Map}
 
 
 def build_rule(cfg: Any, *, site: str) -> Rule:

@@ -148,6 +148,14 @@ class MqttSink:
             raise SendIncomplete([None] * done, cause)
         raise cause
 
+    def publish_device_status(self, device: str, status: dict[str, object]) -> bool:
+        """Retained ``{prefix}/devices/{device}/status`` (contract 3.2); False if not connected."""
+        link = self.link
+        if link is None or not link.connected:
+            return False
+        link.publish(f"{self.prefix}/devices/{device}/status", json.dumps(status).encode(), 1, True)
+        return True
+
     async def close(self) -> None:
         link = self.link
         if link is not None and link.connected:

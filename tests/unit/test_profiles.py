@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.connectors.modbus_plan import plan
 from edge_agent.errors import ConfigError, ConfigProblem, PayloadError
 from edge_agent.profiles import (
     MqttEventSpec,
@@ -19,6 +20,7 @@ from edge_agent.profiles import (
     load_profile,
     load_profiles,
 )
+from edge_agent.profiles_modbus import ModbusProfile
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "device_profiles").glob("*.yaml"))
@@ -34,8 +36,13 @@ def test_there_are_shipped_profiles() -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_profile_loads(path: Path) -> None:
     profile = load_profile(path)
-    assert isinstance(profile, Profile)
     assert profile.events
+    if isinstance(profile, ModbusProfile):
+        requests = [r for reqs in plan(profile).values() for r in reqs]
+        planned = {name for r in requests for name, *_ in r.items}
+        assert planned == set(profile.signals)  # every signal is read, by some request
+        return
+    assert isinstance(profile, Profile)
     for spec in profile.events.values():
         compile_json_decoder(spec)  # every event compiles to a decoder
 

@@ -1,0 +1,322 @@
+"""Modbus connector: polls one device (Modbus TCP, or RTU frames over TCP) per its profile.
+
+One connector per device, each its own supervised task and connection, so one bad device
+never stalls the others. Requests on the connection are serialized (a lock), each with the
+device's timeout; after a timeout the connection is recycled so that a late reply can never
+be taken for the answer to a later request. Failures move the device to *degraded*, and
+after ``offline_after_failures`` in a row the connector raises ``NotConnected``: the
+supervisor marks it *offline* and reconnects with backoff (no busy loop while it is down).
+
+Reads follow the coalesced plan (``modbus_plan.plan``), per poll group at its interval.
+Events come from state: a counter that advanced (a gap of more than one is reported as a
+``counter_gap`` set aside for operators, never silently absorbed), a new-data handshake
+(the acknowledge is written back *after* the event is durably committed, so a crash before
+that leaves the device holding the data), an edge, or a change beyond a deadband.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException, ModbusIOException
+
+from ..config import ModbusConnection
+from ..errors import NotConnected, RetriableError
+from ..events import DeviceEvent
+from ..profiles_modbus import BIT_TABLES, REGISTERS, ModbusEvent, ModbusProfile
+from ..rules.engine import Ingest
+from ..runtime.clock import Clock
+from ..runtime.supervisor import Health
+from .modbus_plan import ReadRequest, decode_request, plan
+
+log = logging.getLogger(__name__)
+
+EXCEPTION_NAMES = {
+    1: "ILLEGAL FUNCTION", 2: "ILLEGAL DATA ADDRESS", 3: "ILLEGAL DATA VALUE",
+    4: "SERVER DEVICE FAILURE", 5: "ACKNOWLEDGE", 6: "SERVER DEVICE BUSY",
+    8: "MEMORY PARITY ERROR", 10: "GATEWAY PATH UNAVAILABLE", 11: "GATEWAY TARGET FAILED TO RESPOND",
+}
+
+
+class DeviceError(RetriableError):
+    """One failed poll: a timeout, a dropped connection or an exception response."""
+
+    def __init__(self, message: str, *, recycle: bool):
+        super().__init__(message)
+        self.recycle = recycle  # the connection may hold a late reply: drop it
+
+
+class _Watcher:
+    """The state of one event's trigger between polls."""
+
+    def __init__(self, name: str, spec: ModbusEvent, profile: ModbusProfile):
+        self.name = name
+        self.spec = spec
+        t = spec.trigger
+        self.kind = t.kind
+        self.signal = t.signal
+        sig = profile.signals[t.signal]
+        bits = 16 * REGISTERS.get(sig.type, 1)
+        self.modulus = t.modulus or (2 ** bits)
+        self.deadband = t.deadband
+        self.ack = t.ack
+        self.addressing = profile.addressing
+        self.fields = spec.signal_map()
+        self.constants = dict(spec.constants)
+        self.last: Any = None  # last value seen (None: not yet)
+        self.awaiting_ack = False
+        self.gaps = 0
+
+
+class ModbusConnector:
+    def __init__(
+        self,
+        device: str,
+        conn: ModbusConnection,
+        profile: ModbusProfile,
+        clock: Clock,
+    ):
+        self.name = f"modbus:{device}"
+        self.device = device
+        self.conn = conn
+        self.profile = profile
+        self.clock = clock
+        max_regs = min(profile.max_registers_per_read, conn.max_registers_per_read or 125)
+        self.plan: dict[str, list[ReadRequest]] = plan(
+            profile, max_registers=max_regs, max_bits=profile.max_bits_per_read, max_gap=conn.max_gap
+        )
+        self.intervals = {g: pg.interval_ms / 1000 for g, pg in profile.poll_groups.items() if g in self.plan}
+        self.watchers = [_Watcher(n, e, profile) for n, e in profile.events.items()]
+        self.by_group: dict[str, list[_Watcher]] = {}
+        for w in self.watchers:
+            self.by_group.setdefault(profile.signals[w.signal].group, []).append(w)
+        self.values: dict[str, Any] = {}
+        self.health = Health()
+        self.failures = 0
+        self.polls = 0
+        self.requests = 0
+        self.client: AsyncModbusTcpClient | None = None
+        self.lock = asyncio.Lock()
+        self.ingest: Ingest | None = None
+        self._stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+        await self._connect()
+        try:
+            await self._poll_forever()
+        finally:
+            self._close()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._close()
+
+    async def _connect(self) -> None:
+        c = self.conn
+        self._close()
+        client = AsyncModbusTcpClient(
+            c.host, port=c.port, timeout=c.timeout_ms / 1000, retries=0, reconnect_delay=0,
+            framer=FramerType.RTU if c.framing == "rtu_over_tcp" else FramerType.SOCKET,
+            name=self.name,
+        )
+        try:
+            ok = await asyncio.wait_for(client.connect(), c.timeout_ms / 1000 + 1)
+        except (TimeoutError, OSError) as exc:
+            client.close()
+            raise NotConnected(f"{self.name}: cannot connect to {c.host}:{c.port}: {exc!r}") from exc
+        if not ok:
+            client.close()
+            raise NotConnected(f"{self.name}: cannot connect to {c.host}:{c.port}")
+        self.client = client
+
+    def _close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # --- polling ---------------------------------------------------------------------------
+
+    async def _poll_forever(self) -> None:
+        now = time.monotonic()
+        due = {g: now for g in self.intervals}
+        while not self._stopping:
+            group = min(due, key=due.__getitem__)
+            delay = due[group] - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Next due time from the schedule, not from now: no drift; skip missed slots.
+            due[group] += self.intervals[group]
+            if due[group] < time.monotonic():
+                due[group] = time.monotonic() + self.intervals[group]
+            try:
+                values = await self._read_group(group)
+            except DeviceError as exc:
+                await self._failed(exc)
+                continue
+            self._succeeded()
+            self.values.update(values)
+            self.polls += 1
+            self._watch(self.by_group.get(group, ()))
+
+    async def _read_group(self, group: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for req in self.plan[group]:
+            out.update(decode_request(req, await self._read(req)))
+        return out
+
+    async def _read(self, req: ReadRequest) -> list[int] | list[bool]:
+        client = self.client
+        if client is None or not client.connected:
+            raise DeviceError(f"{self.name}: connection lost", recycle=True)
+        unit = self.conn.unit_id
+        fn: Callable[..., Any] = {
+            "holding_register": client.read_holding_registers,
+            "input_register": client.read_input_registers,
+            "coil": client.read_coils,
+            "discrete_input": client.read_discrete_inputs,
+        }[req.table]
+        what = f"{req.table} {req.start}..{req.start + req.count - 1}"
+        async with self.lock:
+            self.requests += 1
+            try:
+                rr = await asyncio.wait_for(
+                    fn(req.start, count=req.count, device_id=unit), self.conn.timeout_ms / 1000 + 0.5
+                )
+            except (TimeoutError, ModbusIOException) as exc:
+                # pymodbus reports its own timeout as an I/O error: say what it means.
+                raise DeviceError(f"{self.name}: no answer reading {what} within "
+                                  f"{self.conn.timeout_ms} ms", recycle=True) from exc
+            except ModbusException as exc:
+                raise DeviceError(f"{self.name}: reading {what}: {exc}", recycle=True) from exc
+            except OSError as exc:
+                raise DeviceError(f"{self.name}: reading {what}: {exc!r}", recycle=True) from exc
+        if rr.isError():
+            code = getattr(rr, "exception_code", None)
+            name = EXCEPTION_NAMES.get(code or 0, "unknown")
+            raise DeviceError(
+                f"{self.name}: device answered exception {code} ({name}) reading {what}",
+                recycle=False,
+            )
+        if req.table in BIT_TABLES:
+            return list(rr.bits[: req.count])
+        regs = list(rr.registers)
+        if len(regs) != req.count:
+            raise DeviceError(f"{self.name}: {len(regs)} registers for {req.count} asked ({what})",
+                              recycle=True)
+        return regs
+
+    async def _failed(self, exc: DeviceError) -> None:
+        self.failures += 1
+        c = self.conn
+        if self.failures >= c.offline_after_failures:
+            raise NotConnected(f"{exc} ({self.failures} failed polls in a row)")
+        if self.health.state != "degraded":
+            log.warning("%s degraded: %s", self.name, exc)
+        self.health.set("degraded", str(exc))
+        if exc.recycle:
+            # A late reply may still come on this connection: never read it as the next one.
+            await self._connect()
+
+    def _succeeded(self) -> None:
+        if self.failures or self.health.state != "online":
+            if self.health.state in ("degraded", "offline") or self.health.restarts:
+                log.info("%s online", self.name)
+            self.health.set("online")
+        self.failures = 0
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _watch(self, watchers: Any) -> None:
+        ingest = self.ingest
+        assert ingest is not None
+        for w in watchers:
+            v = self.values.get(w.signal)
+            if v is None:
+                continue
+            last, w.last = w.last, v
+            if w.kind == "counter":
+                if last is None or v == last:
+                    continue
+                step = (int(v) - int(last)) % w.modulus
+                if step > 1:
+                    w.gaps += step - 1
+                    ingest.bad_payload(
+                        self.device, f"{w.name}:{w.signal}", "counter_gap",
+                        f"{step - 1} event(s) missed: counter went from {last} to {v}", b"", None,
+                    )
+                self._emit(w, f"{v}", None)
+            elif w.kind == "handshake":
+                if not v:
+                    w.awaiting_ack = False
+                    continue
+                if w.awaiting_ack or (last and w.ack is None):
+                    continue  # still the same data (not yet acknowledged / not yet cleared)
+                w.awaiting_ack = True
+                self._emit(w, f"{self.polls}", self._acker(w) if w.ack else None)
+            elif w.kind in ("rising", "falling"):
+                edge = (not last and v) if w.kind == "rising" else (last and not v)
+                if last is not None and edge:
+                    self._emit(w, f"{self.polls}", None)
+            elif w.kind == "deadband":
+                if last is None:
+                    w.last = v
+                    continue
+                if abs(float(v) - float(last)) > (w.deadband or 0):
+                    self._emit(w, f"{self.polls}", None)
+                else:
+                    w.last = last  # compare with the last *emitted* value
+
+    def _emit(self, w: _Watcher, position: str, ack: Callable[[], None] | None) -> None:
+        now = self.clock.now()
+        fields = {f: self.values.get(s) for f, s in w.fields.items()}
+        fields.update(w.constants)
+        assert self.ingest is not None
+        self.ingest.device_event(
+            DeviceEvent(self.device, w.name, fields, now, now, f"{self.device}/{w.name}/{position}@{now!r}"),
+            ack,
+        )
+
+    def _acker(self, w: _Watcher) -> Callable[[], None]:
+        spec = w.ack
+        assert spec is not None
+        address = spec.address - self.profile.addressing
+
+        def ack() -> None:
+            # Runs after the durable commit; written on the serialized connection.
+            task = asyncio.ensure_future(self._write_ack(spec.table, address, spec.value, w))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        return ack
+
+    async def _write_ack(self, table: str, address: int, value: int, w: _Watcher) -> None:
+        client = self.client
+        if client is None:
+            return  # reconnecting: the flag is still set, the event is made again (same data)
+        async with self.lock:
+            try:
+                if table == "coil":
+                    rr = await client.write_coil(address, bool(value), device_id=self.conn.unit_id)
+                else:
+                    rr = await client.write_register(address, value, device_id=self.conn.unit_id)
+            except (ModbusException, OSError) as exc:
+                log.warning("%s: could not write the acknowledge of %s: %s", self.name, w.name, exc)
+                return
+        if rr.isError():
+            log.warning("%s: device refused the acknowledge of %s: %s", self.name, w.name, rr)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.health.state, "since": self.health.since,
+            "last_error": self.health.last_error, "restarts": self.health.restarts,
+            "polls": self.polls, "requests": self.requests,
+            "counter_gaps": {w.name: w.gaps for w in self.watchers if w.kind == "counter"},
+        }
