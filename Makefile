@@ -58,6 +58,7 @@ demo: deps
 
 bench: deps
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.modbus_poll
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

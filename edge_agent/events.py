@@ -128,4 +128,32 @@ EVENT_SCHEMAS: dict[str, dict[str, Any]] = {
             "barcode": {"type": "string"},
         },
     },
+    "pick_confirmed": {
+        "type": "object",
+        "required": ["location", "position", "qty"],
+        "properties": {
+            "location": {"type": "string"},
+            "position": {"type": "integer"},
+            "qty": {"type": "integer"},
+            "zone": {"type": "string"},
+        },
+    },
+    "pick_short": {
+        "type": "object",
+        "required": ["location", "position", "qty_picked"],
+        "properties": {
+            "location": {"type": "string"},
+            "position": {"type": "integer"},
+            "qty_picked": {"type": "integer"},
+            "qty_expected": {"type": ["integer", "null"]},
+        },
+    },
+    "equipment_fault": {
+        "type": "object",
+        "required": ["equipment", "reason"],
+        "properties": {
+            "equipment": {"type": "string"},
+            "reason": {"type": "string", "examples": ["jam_at_photo_eye", "motor_overload"]},
+        },
+    },
 }

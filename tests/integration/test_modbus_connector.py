@@ -202,3 +202,30 @@ async def test_exception_responses_are_clear_errors_and_degrade_without_crashing
             assert "exception 6 (SERVER DEVICE BUSY)" in c.health.last_error
             sim.faults.exception = None
             assert await until(lambda: c.health.state == "online")
+
+
+async def test_rtu_frames_over_tcp_for_serial_gateways():
+    """A serial gateway passing RTU frames (CRC, no MBAP header) over TCP."""
+    from pymodbus import FramerType
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    sim = CheckweigherSim()  # its memory and behaviour, served by an RTU-framing server
+    server = ModbusTcpServer(
+        SimDevice(0, simdata=SimData(0, values=0, datatype=DataType.REGISTERS)),
+        framer=FramerType.RTU, address=("127.0.0.1", 0),
+    )
+    server.context = sim.memory  # as simulators.modbus_devices does
+    await server.serve_forever(background=True)
+    sim.port = server.transport.sockets[0].getsockname()[1]
+    try:
+        c = connector(sim, "acme_checkweigher_mb", "CW9", framing="rtu_over_tcp")
+        async with running(c) as ing:
+            assert await until(lambda: c.health.state == "online")
+            await asyncio.sleep(0.3)
+            await sim.weigh("T0000900", 900.5, False)
+            assert await until(lambda: len(ing.events) == 1)
+            assert ing.events[0].fields["tracking_id"] == "T0000900"
+            assert ing.events[0].fields["in_tolerance"] is False
+    finally:
+        await server.shutdown()
