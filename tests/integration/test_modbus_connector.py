@@ -183,6 +183,12 @@ async def test_device_restart_reconnects_within_10_s():
             assert await until(lambda: c.health.state == "online")
             await sim.stop()
             assert await until(lambda: c.health.state == "offline", 5)
+            r0 = c.health.restarts
+            await asyncio.sleep(3.0)
+            # No busy loop while it is down: reconnects back off (0.2 s doubling to 1 s here).
+            attempts = c.health.restarts - r0
+            assert attempts >= 1, "it keeps trying"
+            assert attempts <= 8, attempts
             await sim.start()
             t0 = time.monotonic()
             assert await until(lambda: c.health.state == "online", 10)
