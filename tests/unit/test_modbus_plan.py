@@ -96,7 +96,7 @@ def check_plan(profile: ModbusProfile, result: dict[str, list[ReadRequest]], *,
         for req in requests:
             count[(group, req.table)] += 1
             limit = limit_for(profile, req.table, max_registers, max_bits)
-            assert 1 <= req.count <= limit
+            assert req.count >= 1 and req.count <= limit
             assert req.count <= (2000 if req.table in BIT_TABLES else 125)
             assert 0 <= req.start and req.start + req.count <= 65536
             spans = []
