@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 
 from edge_agent import config as c
 from edge_agent import profiles as p
+from edge_agent import profiles_modbus as pm
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "config.md"
@@ -32,13 +33,18 @@ SITE_SECTIONS: list[Section] = [
     ("Top level", "the site file itself", c.SiteConfig, "site"),
     ("Brokers", "`brokers.<name>`", c.BrokerConfig, "broker"),
     ("Devices", "`devices.<device id>`", c.DeviceConfig, "device"),
-    ("Device connection: `kind: mqtt`", "`devices.<device id>.connection`", c.MqttConnection,
-     "mqtt connection"),
-    ("Rules: `kind: correlate`", "each item of `rules`", c.CorrelateRule, "correlate rule"),
+    ("Device connection: `kind: mqtt`", "`devices.<device id>.connection` with `kind: mqtt`",
+     c.MqttConnection, "mqtt connection"),
+    ("Device connection: `kind: modbus`", "`devices.<device id>.connection` with `kind: modbus`",
+     c.ModbusConnection, "modbus connection"),
+    ("Rules: `kind: correlate`", "each item of `rules` with `kind: correlate`", c.CorrelateRule,
+     "correlate rule"),
+    ("Rules: `kind: map`", "each item of `rules` with `kind: map`", c.MapRule, "map rule"),
     ("Rule inputs", "`rules[].inputs.<input name>`", c.InputSpec, "input"),
     ("Emitted event", "`rules[].emit` and `rules[].terminate_on[].emit`", c.EmitSpec, "emit"),
     ("Early termination", "each item of `rules[].terminate_on`", c.TerminateSpec, "terminate_on"),
-    ("Condition", "`rules[].terminate_on[].when`", c.Condition, "condition"),
+    ("Condition", "`rules[].terminate_on[].when` and, in a `map` rule, `rules[].when`",
+     c.Condition, "condition"),
     ("Timeout event", "`rules[].on_timeout`", c.TimeoutSpec, "on_timeout"),
     ("Sinks: `kind: http`", "`sinks.<name>` with `kind: http`", c.HttpSinkConfig, "http sink"),
     ("Sinks: `kind: mqtt`", "`sinks.<name>` with `kind: mqtt`", c.MqttSinkConfig, "mqtt sink"),
@@ -47,10 +53,18 @@ SITE_SECTIONS: list[Section] = [
     ("Logging", "`log`", c.LogConfig, "log"),
 ]
 PROFILE_SECTIONS: list[Section] = [
-    ("Profile", "the profile file itself", p.Profile, "profile"),
+    ("Profile: `protocol: mqtt`", "a profile file with `protocol: mqtt`", p.Profile, "mqtt profile"),
     ("Events: `protocol: mqtt`", "`events.<event name>`", p.MqttEventSpec, "mqtt event"),
     ("Device time", "`events.<event name>.time`", p.TimeSpec, "time"),
     ("Fields", "`events.<event name>.fields.<field name>`", p.FieldSpec, "field"),
+    ("Profile: `protocol: modbus`", "a profile file with `protocol: modbus`", pm.ModbusProfile,
+     "modbus profile"),
+    ("Signals", "`signals.<signal name>`", pm.Signal, "signal"),
+    ("Poll groups", "`poll_groups.<group name>`", pm.PollGroup, "poll group"),
+    ("Events: `protocol: modbus`", "`events.<event name>` of a Modbus profile", pm.ModbusEvent,
+     "modbus event"),
+    ("Trigger", "`events.<event name>.trigger`", pm.Trigger, "trigger"),
+    ("Acknowledge", "`events.<event name>.trigger.ack`", pm.Ack, "ack"),
 ]
 # models that have their own table: other tables link to it instead of spelling it out
 NAMED = {m: (title, label) for title, _, m, label in SITE_SECTIONS + PROFILE_SECTIONS}
@@ -141,6 +155,8 @@ def default(f: FieldInfo) -> str:
     value = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
     if isinstance(value, BaseModel):
         return "all defaults"
+    if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+        return f"`{_flow(value)}`"
     if value is None:
         return "none"
     if value == {} or value == []:
@@ -152,6 +168,15 @@ def default(f: FieldInfo) -> str:
     if isinstance(value, (int, float)):
         return f"`{num(value)}`"
     return literal(value) if isinstance(value, str) else f"`{value}`"
+
+
+def _flow(value: Any) -> str:
+    """A default as YAML flow text: ``{default: {interval_ms: 100}}``."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(exclude_defaults=False)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def table(model: type[BaseModel]) -> list[str]:
@@ -172,10 +197,181 @@ def sections(items: list[Section]) -> list[str]:
     out: list[str] = []
     for title, where, model, _ in items:
         out += [f"### {title}", "", f"Keys of {where}.", "", *table(model), ""]
+        if model in AFTER:
+            out += [AFTER[model].rstrip("\n"), ""]
     return out
 
 
 # ruff: noqa: E501 (the Markdown below keeps long table rows and sample lines on one line)
+# a short worked example after a section's table
+AFTER: dict[type[BaseModel], str] = {
+    c.MqttConnection: """\
+A device that publishes JSON over a broker (from `edge_agent/examples/site.yaml`):
+
+```yaml
+devices:
+  SCN1:
+    profile: generic_json_scanner
+    connection: {kind: mqtt, broker: local, topic_base: site/close1/scanner/SCN1}
+```
+""",
+    c.ModbusConnection: """\
+A device the agent polls over Modbus TCP: one connection and one poller per device, so a
+slow or dead device never holds up the others. The device's profile must say
+`protocol: modbus` (an MQTT profile on a Modbus connection, or the reverse, is an error).
+From `tests/e2e/test_modbus_flow.py`:
+
+```yaml
+devices:
+  CW2:
+    profile: acme_checkweigher_mb
+    connection: {kind: modbus, host: 127.0.0.1, port: 5020, timeout_ms: 500}
+  PTL1:
+    profile: acme_pick_to_light
+    connection: {kind: modbus, host: 127.0.0.1, port: 5021, timeout_ms: 500}
+```
+
+Reads are planned per poll group in the fewest requests the limits allow (at most the
+profile's `max_registers_per_read`, lowered further by this device's
+`max_registers_per_read`, reading through unused gaps of up to `max_gap`). See
+[docs/modbus.md](modbus.md) for polling, fault handling and device status.
+""",
+    c.CorrelateRule: """\
+Joins the messages of several inputs that carry the same `key` value within a window
+(the example's `close-station-1`, explained [below](#the-example-explained)).
+""",
+    c.MapRule: """\
+One business event for each device event of its single input that matches `when`; no
+state, no window. For equipment whose own signal already is the business fact (a pick
+confirmed at a pick-to-light position, a conveyor jam). Templates refer to the input by
+its name (`${pick.location}`); `${key}` is the device id, and an empty subject falls back
+to it. The event id comes from the device message's id, so a replayed message gives the
+same event. From `tests/e2e/test_modbus_flow.py`:
+
+```yaml
+rules:
+  - name: picks-confirmed
+    kind: map
+    inputs:
+      pick: {device: PTL1, event: [confirm_1, confirm_2, confirm_3, confirm_4]}
+    emit:
+      type: pick_confirmed
+      subject: ${pick.location}
+      data: {location: "${pick.location}", position: "${pick.position}", qty: "${pick.qty_picked}", zone: PTL1}
+  - name: conveyor-faults
+    kind: map
+    inputs:
+      jam: {device: CONV3, event: jam}
+    emit:
+      type: equipment_fault
+      subject: CONV3
+      data: {equipment: CONV3, reason: "${jam.fault_code}", speed_m_min: "${jam.speed_m_min}"}
+```
+
+To pass only some device events, add a [condition](#condition), e.g.
+`when: {field: fault_code, in: [jam_at_photo_eye, downstream_blocked]}` (device events
+that do not match are counted as `filtered`).
+""",
+    p.Profile: """\
+A device that publishes JSON messages; each event is one topic below the device's
+`topic_base`. See `device_profiles/generic_json_scanner.yaml` and
+`device_profiles/generic_json_checkweigher.yaml`.
+""",
+    pm.ModbusProfile: """\
+A device the agent polls: the profile is the register map of one equipment model
+(`signals`), how often each part of it is read (`poll_groups`), and which change of
+state makes an event (`events`). Shipped: `acme_checkweigher_mb`, `acme_conveyor_section`
+and `acme_pick_to_light` in `device_profiles/`. From `acme_checkweigher_mb.yaml`:
+
+```yaml
+version: 1
+vendor: ACME Weighing
+model: CW-200 checkweigher (Modbus TCP)
+protocol: modbus
+addressing: 1          # addresses as printed in the manual: 40001 is address 1
+byte_order: CDAB       # floats are word-swapped unless a signal says otherwise
+poll_groups:
+  fast: {interval_ms: 50}
+  slow: {interval_ms: 1000}
+signals:
+  weight_g: {table: holding_register, address: 1, type: float32, unit: g, group: fast}
+  seq: {table: holding_register, address: 3, type: uint16, group: fast}
+  in_tolerance: {table: holding_register, address: 4, type: bit, bit: 0, group: fast}
+  tracking_id: {table: holding_register, address: 5, type: string, length: 5, order: ABCD, group: fast}
+  total_count: {table: holding_register, address: 10, type: uint32, order: ABCD, group: slow}
+events:
+  weight:
+    trigger: {kind: counter, signal: seq, modulus: 65536}
+    fields: [tracking_id, weight_g, in_tolerance, seq]
+```
+
+`edge-agent validate` also checks that every signal's group is a declared poll group,
+that a 1-based profile has no address 0, and that every trigger and field names a
+signal.
+""",
+    pm.Signal: """\
+`type` decides how many registers a signal spans: `int16`, `uint16` and `bit` 1;
+`int32`, `uint32` and `float32` 2; `int64`, `uint64` and `float64` 4; `string` `length`;
+a `bool` in a `coil` or `discrete_input` is one bit. A number is `raw * scale + offset`
+(an integer stays an integer when `scale` is 1 and `offset` 0); a signal with `enum`
+gives the text for its raw code instead (`unknown(<code>)` for a code not listed);
+`scale`/`offset` are for numeric types only, `enum` for integer, `bool` and `bit`
+types. Strings are UTF-8, two bytes per register, with trailing NULs and spaces removed.
+From `acme_conveyor_section.yaml`:
+
+```yaml
+signals:
+  running: {table: coil, address: 0, type: bool, group: fast}
+  jam: {table: input_register, address: 0, type: bit, bit: 1, group: fast}
+  fault_code:
+    table: input_register
+    address: 1
+    type: uint16
+    group: fast
+    enum: {0: ok, 1: jam_at_photo_eye, 2: motor_overload}
+  speed_m_min: {table: input_register, address: 2, type: int16, scale: 0.1, unit: m/min, group: slow}
+  motor_run_time_s: {table: input_register, address: 8, type: uint32, order: CDAB, unit: s, group: slow}
+```
+""",
+    pm.ModbusEvent: """\
+`fields` as a list keeps the signal names; as a mapping it renames them, so that the
+events of several alike positions share field names (and one rule can take them all).
+From `acme_pick_to_light.yaml`:
+
+```yaml
+events:
+  confirm_1:
+    trigger:
+      kind: handshake
+      signal: confirm_flag_1
+      ack: {table: coil, address: 1, value: 0}
+    fields: {qty_picked: picked_qty_1, display_qty: display_qty_1, location: location_1}
+    constants: {position: 1}
+```
+""",
+    pm.Trigger: """\
+| `kind` | An event when | Notes |
+|---|---|---|
+| `counter` | the signal differs from the last poll | A step of more than one (modulo `modulus`) still makes one event, and the missed steps are set aside as a `counter_gap` (see `edge-agent outbox quarantine`). |
+| `handshake` | the signal becomes true (non-zero) | With `ack`, the acknowledge is written only after the event is durably stored, and no new event is made until the device clears the flag. Without `ack`, one event per rising flag. |
+| `rising` / `falling` | the signal goes from false to true / true to false | Not on the first poll. |
+| `deadband` | the value differs from the last *emitted* value by more than `deadband` | The first poll only sets the reference. |
+
+From `acme_conveyor_section.yaml`:
+
+```yaml
+events:
+  jam:
+    trigger: {kind: rising, signal: jam}
+    fields: [fault_code, speed_m_min, infeed_count, discharge_count]
+  speed_change:
+    trigger: {kind: deadband, signal: speed_m_min, deadband: 5.0}
+    fields: [speed_m_min, running]
+```
+""",
+}
+
+
 INTRO = """\
 # Configuration reference
 
@@ -233,7 +429,7 @@ are *templates*. A template may contain references `${...}`:
 | `${<input>.<field>}` | The field of that input's device message, as decoded by its profile (`${scan.barcode}`). |
 | `${<input>.time}` | The device time of that input's message, as ISO 8601 text. |
 | `${<input>.device}` | The device id the input's message came from (useful when an input lists several devices). |
-| `${key}` | The business key the inputs were joined on (the value of the rule's `key` field). |
+| `${key}` | The business key the inputs were joined on (the value of the rule's `key` field); in a `map` rule, the device id. |
 | `${rule}` | The rule's name. |
 | `${site}` | The site id. |
 | `${reason}` | In `on_timeout`: the `reasons` of the missing inputs joined by `,` (a missing input without a reason gives `no_<input>`). |
@@ -299,8 +495,9 @@ def render() -> str:
     lines = [INTRO, *sections(SITE_SECTIONS), TEMPLATES.rstrip("\n"), "",
              "## Device profile file", "",
              "One file per kind of equipment, named `<profile>.yaml` in `profiles_dir`; "
-             "devices refer to it by that name. See `device_profiles/` for two complete "
-             "profiles.", "",
+             "devices refer to it by that name. Its `protocol` decides which keys it has: "
+             "`mqtt` for devices that publish JSON over a broker, `modbus` for devices the "
+             "agent polls. See `device_profiles/` for complete profiles of both kinds.", "",
              *sections(PROFILE_SECTIONS),
              EXAMPLE_PROSE.format(example=EXAMPLE.read_text(encoding="utf-8").rstrip("\n"))]
     return "\n".join(lines).rstrip("\n") + "\n"

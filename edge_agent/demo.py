@@ -14,10 +14,13 @@ settling; a third kills what is left.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -40,10 +43,17 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from simulators.broker import EmbeddedBroker, Mosquitto, find_amqtt, find_mosquitto, local_broker
+from simulators.broker import (
+    EmbeddedBroker,
+    Mosquitto,
+    find_amqtt,
+    find_mosquitto,
+    local_broker,
+    stop_process,
+)
 from simulators.bus_recorder import BusRecorder
 from simulators.ledger import Ledger, reconcile
-from simulators.procs import AgentProc, LineProc, ReceiverProc, write_site
+from simulators.procs import PROFILES, ROOT, AgentProc, LineProc, ReceiverProc
 
 from .config import HttpSinkConfig, MqttSinkConfig, load_site
 from .errors import ConfigError
@@ -59,6 +69,19 @@ FRACTIONS = {
     "reorder_frac": 0.05,
 }
 SEED = 1
+# The demo's site: the example station plus a Modbus conveyor section and pick-to-light zone.
+SITE_FILE = Path(__file__).resolve().parent / "examples" / "site-modbus.yaml"
+# The Modbus ports in SITE_FILE, replaced by those the simulators listen on.
+MODBUS_PORTS = {"CONV1": 5021, "PTL1": 5022}
+MODBUS_KINDS = {"CONV1": "conveyor", "PTL1": "pick_to_light"}
+PICK_PRESSES_PER_SEC = 2.0  # the picker at PTL1, on average
+JAM_EVERY_SECS = (8.0, 20.0)  # the conveyor stops now and then ...
+JAM_LASTS_SECS = (2.0, 4.0)  # ... until an operator clears it
+JAM_CODES = {1: 6, 2: 2, 7: 2}  # fault code -> weight (1 jam at photo-eye, 2 overload, 7 blocked)
+FAULT_NAMES = {1: "jam_at_photo_eye", 2: "motor_overload", 7: "downstream_blocked"}
+# Only these are about cartons: the ledger reconciles them, the pick and fault events aside.
+CARTON_TYPES = frozenset({"carton_closed", "carton_exception", "scan_no_read"})
+PICK_TYPES = ("pick_confirmed", "pick_short", "equipment_fault")
 # The destinations the example site delivers to; the HTTP ones are stand-in receivers.
 RECEIVERS = ("wms", "erp")
 BUS = "bus"
@@ -84,6 +107,9 @@ TYPE_STYLES = {
     "carton_closed": "green",
     "carton_exception": "yellow",
     "scan_no_read": "magenta",
+    "pick_confirmed": "cyan",
+    "pick_short": "bold yellow",
+    "equipment_fault": "bold red",
 }
 STATE_STYLES = {
     "online": "green",
@@ -224,6 +250,145 @@ class _Outbox:
         return out
 
 
+# --- the Modbus devices ------------------------------------------------------------------
+
+
+def _modbus_station_main(argv: list[str]) -> None:
+    """A simulated Modbus device of the demo, in its own process (``simulators.modbus_devices``
+    with a scripted operator): ``KIND STATS_PATH [RATE]``.
+
+    ``pick_to_light``: a picker presses CONFIRM (or, one time in ten, SHORT) every 1/RATE s
+    on average. ``conveyor``: cartons pass at RATE/s and the belt stops now and then (a jam or
+    another fault) until an operator clears it. Prints ``READY <kind> port=N``; counts what it
+    did into STATS_PATH (JSON). SIGUSR1: stop pressing and jamming (the demo is stopping);
+    SIGTERM: exit.
+    """
+    from simulators.modbus_devices import ConveyorSim, PickToLightSim
+
+    kind, stats_path, rate = argv[0], Path(argv[1]), float(argv[2]) if len(argv) > 2 else 1.0
+    counts: Counter[str] = Counter()
+
+    def save() -> None:
+        tmp = stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(counts))
+        os.replace(tmp, stats_path)
+
+    async def picker(sim: PickToLightSim) -> None:
+        rng = random.Random(SEED)
+        while True:
+            await asyncio.sleep(rng.expovariate(rate))
+            n, qty = rng.randint(1, 4), rng.randint(1, 6)
+            sim.set(f"display_qty_{n}", qty)
+            if rng.random() < 0.1:
+                what, accepted = "short", sim.short(n, qty - 1)
+            else:
+                what, accepted = "confirm", sim.confirm(n, qty)
+            counts[what if accepted else "ignored"] += 1  # ignored: the last one not yet acked
+            save()
+
+    async def operator(sim: ConveyorSim) -> None:
+        rng = random.Random(SEED)
+        while True:
+            await asyncio.sleep(rng.uniform(*JAM_EVERY_SECS))
+            code = rng.choices(list(JAM_CODES), weights=list(JAM_CODES.values()))[0]
+            sim.jam(code)
+            counts[FAULT_NAMES[code]] += 1
+            save()
+            await asyncio.sleep(rng.uniform(*JAM_LASTS_SECS))
+            sim.clear()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        sim: ConveyorSim | PickToLightSim
+        if kind == "conveyor":
+            sim = ConveyorSim(rate=rate)
+            script = operator(sim)
+        else:
+            sim = PickToLightSim()
+            script = picker(sim)
+        save()
+        async with sim:
+            task = asyncio.create_task(script)
+            loop.add_signal_handler(signal.SIGUSR1, task.cancel)
+            print(f"READY {kind} port={sim.port}", flush=True)
+            await stop.wait()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(serve())
+
+
+class _ModbusSimProc:
+    """One of the demo's simulated Modbus devices (`_modbus_station_main`) in its own process."""
+
+    def __init__(self, device: str, kind: str, workdir: Path, rate: float):
+        self.device = device
+        self.kind = kind
+        self.log_path = workdir / f"sim-{device}.log"
+        self.stats_path = workdir / f"sim-{device}.json"
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from edge_agent.demo import _modbus_station_main as m; m(sys.argv[1:])",
+             kind, str(self.stats_path), f"{rate:g}"],
+            stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(f"the {kind} simulator did not start: {line!r}; see {self.log_path}")
+        self.port = int(line.rsplit("port=", 1)[1])
+
+    def quiet(self) -> None:
+        """No more presses or jams: the line is stopping."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+
+    def stats(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in json.loads(self.stats_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+def write_demo_site(
+    workdir: Path, *, broker_port: int, wms_url: str, erp_url: str, protocol: str,
+    modbus_ports: dict[str, int],
+) -> Path:
+    """The demo's site file, pointed at this run's broker, receivers and simulators."""
+    text = SITE_FILE.read_text()
+    subs = {
+        "port: 1883": f"port: {broker_port}",
+        "http://127.0.0.1:8081/events": wms_url,
+        "http://127.0.0.1:8082/events": erp_url,
+        "profiles_dir: ../../device_profiles": f"profiles_dir: {PROFILES}",
+        'protocol: "5"': f'protocol: "{protocol}"',
+        **{f"port: {MODBUS_PORTS[d]}": f"port: {p}" for d, p in modbus_ports.items()},
+    }
+    for old in subs:
+        if len(re.findall(re.escape(old) + r"(?!\w)", text)) != 1:
+            raise ValueError(f"{SITE_FILE.name} has no single {old!r} to replace")
+    # All at once, so a new port never matches an old one ("port: 18830").
+    pattern = re.compile("|".join(re.escape(old) + r"(?!\w)" for old in subs))
+    text = pattern.sub(lambda m: subs[m.group(0)], text)
+    path = workdir / "site.yaml"
+    path.write_text(text)
+    return path
+
+
 @dataclass
 class _Sample:
     """What one poll saw."""
@@ -235,6 +400,8 @@ class _Sample:
     messages_per_s: float | None = None
     cartons_per_s: float | None = None
     spark: list[float] = field(default_factory=list)
+    picks: dict[str, int] = field(default_factory=dict)  # pick/fault type -> events on the bus
+    last_fault: tuple[float, str] | None = None  # (time, reason) of the latest equipment_fault
 
 
 class _Rates:
@@ -316,7 +483,8 @@ def _header(info: _ViewInfo, uptime: float, phase: Text) -> Panel:
     )
 
 
-def _devices(info: _ViewInfo, st: dict[str, Any] | None) -> Panel:
+def _devices(info: _ViewInfo, s: _Sample) -> Panel:
+    st = s.status
     t = Table(
         box=None, expand=True, padding=(0, 1), pad_edge=False, header_style="bold dim"
     )
@@ -324,12 +492,16 @@ def _devices(info: _ViewInfo, st: dict[str, Any] | None) -> Panel:
     t.add_column("devices", no_wrap=True, overflow="ellipsis")
     t.add_column("state", no_wrap=True)
     t.add_column("received", justify="right", no_wrap=True)
+    t.add_column("polls", justify="right", no_wrap=True)
     conns = (st or {}).get("connectors", {})
     for name in sorted(set(info.devices) | set(conns)):
         c = conns.get(name, {})
+        state = _styled(c.get("state"))
+        if c.get("restarts"):
+            state.append(f" ↻{c['restarts']}", style="dim")
         t.add_row(
-            name, ", ".join(info.devices.get(name, [])), _styled(c.get("state")),
-            _num(c.get("received")),
+            name, ", ".join(info.devices.get(name, [])), state,
+            _num(c.get("received")), _num(c.get("polls")),
         )
     eng = (st or {}).get("engine", {})
     bad = sum(eng.get("bad_payloads", {}).values())
@@ -337,7 +509,18 @@ def _devices(info: _ViewInfo, st: dict[str, Any] | None) -> Panel:
         ("redeliveries dropped ", "dim"), _num(eng.get("duplicates")),
         ("   bad payloads ", "dim"), (_num(bad), "bold red" if bad else ""),
     )
-    return Panel(Group(t, foot), title="Devices", title_align="left", box=box.ROUNDED)
+    fault = Text("-", style="dim")
+    if s.last_fault is not None:
+        at, reason = s.last_fault
+        fault = Text(f"{reason} {time.strftime('%H:%M:%S', time.localtime(at))}", style="red")
+    picks = Text.assemble(
+        ("picks ", "dim"), (_num(s.picks.get("pick_confirmed", 0)), "cyan"),
+        ("  short ", "dim"), (_num(s.picks.get("pick_short", 0)), "yellow"),
+        ("  faults ", "dim"), (_num(s.picks.get("equipment_fault", 0)), "red"),
+        ("  last ", "dim"), fault,
+    )
+    picks.no_wrap, picks.overflow = True, "ellipsis"
+    return Panel(Group(t, foot, picks), title="Devices", title_align="left", box=box.ROUNDED)
 
 
 def _throughput(info: _ViewInfo, s: _Sample, width: int, height: int) -> Panel:
@@ -417,7 +600,7 @@ def render(
     """The whole screen; laid out for 100x30 and up."""
     width, height = size
     header_h, sinks_h, footer_h = 4, 2 + 1 + len(DESTINATIONS), 1
-    devices_h = 2 + 1 + len(info.devices) + 1
+    devices_h = 2 + 1 + len(info.devices) + 2
     middle_h = max(13, height - header_h - sinks_h - footer_h)
     left_w = max(40, width // 2)
     layout = Layout()
@@ -430,7 +613,7 @@ def render(
     layout["middle"].split_row(Layout(name="left", size=left_w), Layout(name="right", ratio=1))
     layout["left"].split_column(Layout(name="devices", size=devices_h), Layout(name="throughput"))
     layout["header"].update(_header(info, uptime, phase))
-    layout["devices"].update(_devices(info, s.status))
+    layout["devices"].update(_devices(info, s))
     layout["throughput"].update(_throughput(info, s, left_w, middle_h - devices_h))
     rows = min(LATEST_EVENTS_MAX, max(LATEST_EVENTS, middle_h - 3))
     layout["right"].update(_latest(s.status, rows))
@@ -462,6 +645,9 @@ def progress_line(s: _Sample, uptime: float, phase: str) -> str:
             f"(backlog {backlog}, dead {d.get('dead', 0)})"
         )
     parts.append(f"bad {sum(eng.get('bad_payloads', {}).values())}")
+    for name, c in sorted(st.get("connectors", {}).items()):
+        if name.startswith("modbus:"):
+            parts.append(f"{name.split(':', 1)[1]} {c.get('state', '-')} polls {c.get('polls', 0)}")
     return "  ".join(parts)
 
 
@@ -495,6 +681,9 @@ class _Outcome:
     delivered: dict[str, int]
     dead: dict[str, int]
     bad_payloads: int
+    picks: dict[str, Counter[str]]  # destination -> pick/fault event type -> unique events
+    sims: dict[str, dict[str, int]]  # Modbus device -> what its simulator did
+    modbus: dict[str, dict[str, Any]]  # Modbus connector -> its last status
     ran_secs: float
     problems: list[str]  # the run went wrong: it fails whatever the ledger says
     notes: list[str]  # what explains a ledger that does not balance
@@ -522,6 +711,9 @@ class Demo:
         self.receivers: dict[str, ReceiverProc] = {}
         self.agent: AgentProc | None = None
         self.line: LineProc | None = None
+        self.sims: dict[str, _ModbusSimProc] = {}
+        self.modbus: dict[str, dict[str, Any]] = {}  # connector -> its latest status
+        self.modbus_at_stop: dict[str, str | None] = {}  # connector -> state when stopping
         self.bus: BusRecorder | None = None
         self.outbox: _Outbox | None = None
         self.truth = _GroundTruth(workdir / "ground_truth.json")
@@ -532,6 +724,9 @@ class Demo:
         self.notes: list[str] = []
         self._backlog: dict[str, int] | None = None
         self._backlog_at = 0.0
+        self._bus_seen = 0  # bus events looked at for pick/fault events
+        self._pick_ids: dict[str, set[str]] = {t: set() for t in PICK_TYPES}
+        self._last_fault: tuple[float, str] | None = None
         self._sample = _Sample()
         self._phase = "starting"
         self._last_progress = 0.0
@@ -558,16 +753,23 @@ class Demo:
     def _start(self) -> None:
         wd = self.workdir
         with _children_deaf_to_ctrl_c():
-            self._say(f"starting: broker, stand-in WMS and ERP, agent (workdir {wd})")
+            self._say(
+                f"starting: broker, stand-in WMS and ERP, Modbus conveyor and pick-to-light, "
+                f"agent (workdir {wd})"
+            )
             self.broker = local_broker(wd / "broker")
             if isinstance(self.broker, EmbeddedBroker):
                 self._say("mosquitto is not installed: using the embedded amqtt broker (MQTT 3.1.1)")
             for name in RECEIVERS:
                 self.receivers[name] = ReceiverProc(name, wd)
-            config = write_site(
+            for dev, kind in MODBUS_KINDS.items():
+                rate = PICK_PRESSES_PER_SEC if kind == "pick_to_light" else self.rate
+                self.sims[dev] = _ModbusSimProc(dev, kind, wd, rate)
+            config = write_demo_site(
                 wd, broker_port=self.broker.port,
                 wms_url=self.receivers["wms"].url, erp_url=self.receivers["erp"].url,
                 protocol=self.broker.protocol,
+                modbus_ports={d: sim.port for d, sim in self.sims.items()},
             )
             site, _profiles = load_site(config)
             self._learn(site)
@@ -600,19 +802,23 @@ class Demo:
         self._say(
             f"stand-in WMS {self.receivers['wms'].url}, ERP {self.receivers['erp'].url}"
         )
+        self._say(
+            "Modbus " + ", ".join(f"{d} ({s.kind}) 127.0.0.1:{s.port}" for d, s in self.sims.items())
+        )
 
     def _learn(self, site: Any) -> None:
         for name in DESTINATIONS:
             cfg = site.sinks.get(name)
             if cfg is None:
-                raise ValueError(f"the example site has no sink {name!r}")
+                raise ValueError(f"the demo site has no sink {name!r}")
             if name in RECEIVERS and not isinstance(cfg, HttpSinkConfig):
-                raise ValueError(f"the example site's sink {name!r} is not an http sink")
+                raise ValueError(f"the demo site's sink {name!r} is not an http sink")
             self.types[name] = set(cfg.event_types) if cfg.event_types is not None else None
         devices: dict[str, list[str]] = {}
         for dev_id, dev in site.devices.items():
             broker = getattr(dev.connection, "broker", None)
-            devices.setdefault(f"mqtt:{broker}" if broker else dev_id, []).append(dev_id)
+            kind = getattr(dev.connection, "kind", "?")
+            devices.setdefault(f"mqtt:{broker}" if broker else f"{kind}:{dev_id}", []).append(dev_id)
         assert self.broker is not None
         self.info = _ViewInfo(
             site=site.site, broker=f"127.0.0.1:{self.broker.port}", workdir=self.workdir,
@@ -641,6 +847,7 @@ class Demo:
             steps.append(("line", self.line.stop))
         if self.agent is not None and (agent_proc := self.agent.proc) is not None:
             steps.append(("agent", lambda: _terminate(agent_proc, AGENT_STOP_SECS)))
+        steps += [(f"{s.kind} simulator", s.stop) for s in self.sims.values()]
         if self.bus is not None:
             steps.append(("bus recorder", self.bus.close))
         steps += [(f"receiver {n}", r.stop) for n, r in self.receivers.items()]
@@ -719,15 +926,35 @@ class Demo:
             self._backlog_at = now
             self._backlog = self.outbox.pending()
         cartons = self.truth.poll()
+        self._watch_bus()
         if st is not None:
+            for name, c in st["connectors"].items():
+                if name.startswith("modbus:"):
+                    self.modbus[name] = c
             received = sum(c.get("received", 0) for c in st["connectors"].values())
             self.rates.add(st["time"], st["engine"]["business_events"], received, cartons)
         self._sample = _Sample(
             status=st, backlog=self._backlog, cartons=cartons,
             events_per_s=self.rates.rate(1), messages_per_s=self.rates.rate(2),
             cartons_per_s=self.rates.rate(3), spark=list(self.rates.spark),
+            picks={t: len(ids) for t, ids in self._pick_ids.items()}, last_fault=self._last_fault,
         )
         return self._sample
+
+    def _watch_bus(self) -> None:
+        """The pick and fault events the bus carried since the last call (they are rare)."""
+        if self.bus is None:
+            return
+        with self.bus.lock:
+            new = self.bus.events[self._bus_seen:]
+            self._bus_seen += len(new)
+        for ev in new:
+            ids = self._pick_ids.get(ev.get("type", ""))
+            if ids is None or ev["id"] in ids:
+                continue
+            ids.add(ev["id"])
+            if ev["type"] == "equipment_fault":
+                self._last_fault = (time.time(), str((ev.get("data") or {}).get("reason")))
 
     def _tick(self) -> _Sample:
         s = self._poll()
@@ -746,6 +973,12 @@ class Demo:
                     f"the agent exited unexpectedly ({rc}); see {self.agent.log_path}"
                 )
                 break
+            if dead := [s for s in self.sims.values() if s.proc.poll() is not None]:
+                self.problems.append(
+                    f"the {dead[0].kind} simulator exited unexpectedly ({dead[0].proc.returncode}); "
+                    f"see {dead[0].log_path}"
+                )
+                break
             if (rc := self.line.proc.poll()) is not None:
                 self.problems.append(
                     f"the carton line exited unexpectedly ({rc}); see {self.line.log_path}"
@@ -756,6 +989,9 @@ class Demo:
     # --- stopping ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        self.modbus_at_stop = {n: c.get("state") for n, c in self.modbus.items()}
+        for sim in self.sims.values():
+            sim.quiet()  # no more presses or jams: what was pressed is still acknowledged
         if self.line is not None:
             self._phase = "stopping the line (it finishes the cartons it started)"
             self._wait_exit("carton line", self.line.proc, LINE_STOP_SECS)
@@ -798,7 +1034,9 @@ class Demo:
                 *(_unique(r) for r in self.receivers.values()),
                 self.bus.unique() if self.bus else 0,
                 None if st is None else st["engine"]["business_events"],
-                None if st is None else sum(c["received"] for c in st["connectors"].values()),
+                None if st is None else sum(
+                    c.get("received", 0) for c in st["connectors"].values()
+                ),
             )
             if counts != last:
                 last, quiet_since = counts, now
@@ -847,10 +1085,18 @@ class Demo:
                 received[BUS] = list(self.bus.events)
         else:
             received[BUS] = []
-        ledgers = {
-            name: reconcile(cartons, received[name], types=self.types.get(name))
-            for name in DESTINATIONS
-        }
+        ledgers = {}
+        picks: dict[str, Counter[str]] = {}
+        for name in DESTINATIONS:
+            # The ledger is about cartons: the pick and fault events are counted aside.
+            types = self.types.get(name)
+            carton_types = set(CARTON_TYPES if types is None else types & CARTON_TYPES)
+            ledgers[name] = reconcile(
+                cartons, [e for e in received[name] if e.get("type") in CARTON_TYPES],
+                types=carton_types,
+            )
+            unique = {e["id"]: e["type"] for e in received[name] if e.get("type") in PICK_TYPES}
+            picks[name] = Counter(unique.values())
         by_type = (self.outbox.events_by_type() if self.outbox else None) or {}
         deliveries = (self.outbox.deliveries() if self.outbox else None) or {}
         st = self.agent.status() if self.agent else None
@@ -864,6 +1110,12 @@ class Demo:
             delivered={n: deliveries.get(n, Counter())[1] for n in DESTINATIONS},
             dead={n: deliveries.get(n, Counter())[2] for n in DESTINATIONS},
             bad_payloads=sum(eng.get("bad_payloads", {}).values()),
+            picks=picks,
+            sims={d: sim.stats() for d, sim in self.sims.items()},
+            modbus={
+                n: {**c, "state_at_stop": self.modbus_at_stop.get(n)}
+                for n, c in sorted(self.modbus.items())
+            },
             ran_secs=(self.line_stopped or time.monotonic()) - started,
             problems=self.problems,
             notes=self.notes,
@@ -894,6 +1146,55 @@ def _terminate(proc: subprocess.Popen[bytes], timeout_secs: float) -> None:
             proc.wait()
 
 
+def _modbus_lines(o: _Outcome) -> list[Text]:
+    """The Modbus devices, and the pick and fault events they made, per destination."""
+    lines = []
+    if o.modbus:
+        parts = []
+        for name, c in o.modbus.items():
+            state = c.get("state_at_stop") or c.get("state") or "-"
+            parts.append(
+                f"{name.split(':', 1)[-1]} {state} (polls {c.get('polls', 0):,}, "
+                f"restarts {c.get('restarts', 0)})"
+            )
+        style = "" if all((c.get("state_at_stop") or c.get("state")) == "online"
+                          for c in o.modbus.values()) else "yellow"
+        lines.append(Text("  modbus devices      " + ", ".join(parts), style=style))
+    lines.append(Text("  pick/fault events   " + "; ".join(
+        f"{n} " + (", ".join(f"{t} {o.picks.get(n, Counter())[t]:,}" for t in PICK_TYPES)
+                   if o.picks.get(n) else "none")
+        for n in DESTINATIONS
+    )))
+    ptl = o.sims.get("PTL1")
+    if ptl is not None:
+        presses = ptl.get("confirm", 0) + ptl.get("short", 0)
+        got = o.picks.get("wms", Counter())
+        delivered = got["pick_confirmed"] + got["pick_short"]
+        line = Text(
+            f"  pick-to-light PTL1  {presses:,} presses (confirm {ptl.get('confirm', 0):,}, "
+            f"short {ptl.get('short', 0):,}"
+            + (f", {ptl['ignored']:,} ignored while unacknowledged" if ptl.get("ignored") else "")
+            + "): "
+        )
+        if (got["pick_confirmed"], got["pick_short"]) == (ptl.get("confirm", 0),
+                                                          ptl.get("short", 0)):
+            line.append("each one a pick event at wms", style="green")
+        else:
+            line.append(f"{delivered:,} pick events at wms", style="yellow")
+        lines.append(line)
+    conv = o.sims.get("CONV1")
+    if conv is not None:
+        stops = sum(conv.values())
+        faults = o.picks.get("wms", Counter())["equipment_fault"]
+        lines.append(Text(
+            f"  conveyor CONV1      {stops:,} stop{'s' if stops != 1 else ''}"
+            + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(conv.items())) + ")" if stops else "")
+            + f": {faults:,} equipment_fault at wms",
+            style="" if faults == stops else "yellow",
+        ))
+    return lines
+
+
 def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
     """The end-of-run report: what was simulated, emitted, delivered, and the ledger."""
     outcomes = Counter(c.get("outcome", "?") for c in o.cartons)
@@ -914,6 +1215,7 @@ def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
              + ", ".join(f"{n} {o.dead.get(n, 0):,}" for n in DESTINATIONS),
              style="red" if any(o.dead.values()) else ""),
         Text(f"  bad payloads        {o.bad_payloads:,}"),
+        *_modbus_lines(o),
         Text("  accounted for       each carton's expected events arrived once, with the right"
              " values:"),
     ]

@@ -34,6 +34,7 @@ from ..rules.engine import Ingest
 from ..runtime.clock import Clock
 from ..runtime.supervisor import Health
 from .modbus_plan import ReadRequest, decode_request, plan
+from .triggers import Watch
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,18 @@ class DeviceError(RetriableError):
 
 
 class _Watcher:
-    """The state of one event's trigger between polls."""
+    """One profile event: its trigger's state and what to read with it."""
 
     def __init__(self, name: str, spec: ModbusEvent, profile: ModbusProfile):
         self.name = name
-        self.spec = spec
         t = spec.trigger
         self.kind = t.kind
         self.signal = t.signal
-        sig = profile.signals[t.signal]
-        bits = 16 * REGISTERS.get(sig.type, 1)
-        self.modulus = t.modulus or (2 ** bits)
-        self.deadband = t.deadband
+        bits = 16 * REGISTERS.get(profile.signals[t.signal].type, 1)
+        self.watch = Watch(t.kind, modulus=t.modulus or 2**bits, deadband=t.deadband)
         self.ack = t.ack
-        self.addressing = profile.addressing
         self.fields = spec.signal_map()
         self.constants = dict(spec.constants)
-        self.last: Any = None  # last value seen (None: not yet)
-        self.awaiting_ack = False
-        self.gaps = 0
 
 
 class ModbusConnector:
@@ -219,9 +213,12 @@ class ModbusConnector:
         c = self.conn
         if self.failures >= c.offline_after_failures:
             raise NotConnected(f"{exc} ({self.failures} failed polls in a row)")
-        if self.health.state != "degraded":
-            log.warning("%s degraded: %s", self.name, exc)
-        self.health.set("degraded", str(exc))
+        if self.failures >= c.degraded_after_failures:
+            if self.health.state != "degraded":
+                log.warning("%s degraded: %s", self.name, exc)
+            self.health.set("degraded", str(exc))
+        else:
+            self.health.last_error = str(exc)
         if exc.recycle:
             # A late reply may still come on this connection: never read it as the next one.
             await self._connect()
@@ -242,38 +239,16 @@ class ModbusConnector:
             v = self.values.get(w.signal)
             if v is None:
                 continue
-            last, w.last = w.last, v
-            if w.kind == "counter":
-                if last is None or v == last:
-                    continue
-                step = (int(v) - int(last)) % w.modulus
-                if step > 1:
-                    w.gaps += step - 1
-                    ingest.bad_payload(
-                        self.device, f"{w.name}:{w.signal}", "counter_gap",
-                        f"{step - 1} event(s) missed: counter went from {last} to {v}", b"", None,
-                    )
-                self._emit(w, f"{v}", None)
-            elif w.kind == "handshake":
-                if not v:
-                    w.awaiting_ack = False
-                    continue
-                if w.awaiting_ack or (last and w.ack is None):
-                    continue  # still the same data (not yet acknowledged / not yet cleared)
-                w.awaiting_ack = True
-                self._emit(w, f"{self.polls}", self._acker(w) if w.ack else None)
-            elif w.kind in ("rising", "falling"):
-                edge = (not last and v) if w.kind == "rising" else (last and not v)
-                if last is not None and edge:
-                    self._emit(w, f"{self.polls}", None)
-            elif w.kind == "deadband":
-                if last is None:
-                    w.last = v
-                    continue
-                if abs(float(v) - float(last)) > (w.deadband or 0):
-                    self._emit(w, f"{self.polls}", None)
-                else:
-                    w.last = last  # compare with the last *emitted* value
+            last = w.watch.last
+            fire, missed = w.watch.observe(v)
+            if missed:
+                ingest.bad_payload(
+                    self.device, f"{w.name}:{w.signal}", "counter_gap",
+                    f"{missed} event(s) missed: counter went from {last} to {v}", b"", None,
+                )
+            if fire:
+                position = f"{v}" if w.kind == "counter" else f"{self.polls}"
+                self._emit(w, position, self._acker(w) if w.ack else None)
 
     def _emit(self, w: _Watcher, position: str, ack: Callable[[], None] | None) -> None:
         now = self.clock.now()
@@ -300,7 +275,8 @@ class ModbusConnector:
     async def _write_ack(self, table: str, address: int, value: int, w: _Watcher) -> None:
         client = self.client
         if client is None:
-            return  # reconnecting: the flag is still set, the event is made again (same data)
+            w.watch.armed = True  # reconnecting: the flag is still set; make the event again
+            return
         async with self.lock:
             try:
                 if table == "coil":
@@ -309,14 +285,19 @@ class ModbusConnector:
                     rr = await client.write_register(address, value, device_id=self.conn.unit_id)
             except (ModbusException, OSError) as exc:
                 log.warning("%s: could not write the acknowledge of %s: %s", self.name, w.name, exc)
+                w.watch.armed = True  # the device still holds the data: make the event again
                 return
         if rr.isError():
             log.warning("%s: device refused the acknowledge of %s: %s", self.name, w.name, rr)
+        # Acknowledged (or not): ready for the next set flag. Waiting to *see* it cleared
+        # would miss a press that sets it again before the next poll.
+        w.watch.armed = True
 
     def status(self) -> dict[str, Any]:
         return {
             "state": self.health.state, "since": self.health.since,
             "last_error": self.health.last_error, "restarts": self.health.restarts,
             "polls": self.polls, "requests": self.requests,
-            "counter_gaps": {w.name: w.gaps for w in self.watchers if w.kind == "counter"},
+            "counter_gaps": {w.name: w.watch.missed_total for w in self.watchers
+                             if w.kind == "counter"},
         }

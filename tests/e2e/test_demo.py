@@ -124,6 +124,11 @@ def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
         out = demo.output()
         assert rc == 0, out[-4000:]
         assert_all_accounted(out)
+        # The Modbus conveyor and pick-to-light zone were polled, and the picker's presses
+        # became pick events at the WMS and on the bus.
+        assert re.search(r"modbus devices\s+CONV1 online \(polls [1-9][\d,]*.*PTL1 online", out), out
+        picks = re.search(r"pick/fault events\s+wms pick_confirmed ([\d,]+)", out)
+        assert picks and int(picks.group(1).replace(",", "")) > 0, out[-4000:]
         # Plain progress lines, not a live view, when stdout is not a terminal.
         assert re.search(r"^\[\s*[\d.]+s\] running\s+cartons \d+", out, re.MULTILINE), out
         assert "\x1b[" not in out

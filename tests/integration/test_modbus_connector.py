@@ -235,3 +235,17 @@ async def test_rtu_frames_over_tcp_for_serial_gateways():
             assert ing.events[0].fields["in_tolerance"] is False
     finally:
         await server.shutdown()
+
+
+async def test_a_press_right_after_an_acknowledge_is_not_missed():
+    async with PickToLightSim() as sim:
+        c = connector(sim, "acme_pick_to_light", "PTL1")
+        async with running(c) as ing:
+            assert await until(lambda: c.health.state == "online")
+            for n in range(10):
+                # Press again as soon as the previous press is acknowledged, before a poll
+                # could see the flag cleared.
+                assert await until(lambda: sim.confirm(1, n + 1), 5)
+            assert await until(lambda: len(ing.events) == 10)
+            await asyncio.sleep(0.3)
+            assert [e.fields["qty_picked"] for e in ing.events] == list(range(1, 11))
