@@ -245,7 +245,7 @@ async def test_a_press_right_after_an_acknowledge_is_not_missed():
             for n in range(10):
                 # Press again as soon as the previous press is acknowledged, before a poll
                 # could see the flag cleared.
-                assert await until(lambda: sim.confirm(1, n + 1), 5)
+                assert await until(lambda n=n: sim.confirm(1, n + 1), 5)
             assert await until(lambda: len(ing.events) == 10)
             await asyncio.sleep(0.3)
             assert [e.fields["qty_picked"] for e in ing.events] == list(range(1, 11))
