@@ -24,16 +24,19 @@ from .config import (
     ModbusConnection,
     MqttConnection,
     MqttSinkConfig,
+    OpcuaConnection,
     SiteConfig,
 )
 from .connectors.modbus import ModbusConnector
 from .connectors.mqtt import MqttConnector
+from .connectors.opcua import OpcuaConnector
 from .events import iso_time
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
 from .outbox.store import Store
 from .profiles import AnyProfile
 from .profiles_modbus import ModbusProfile
+from .profiles_opcua import OpcuaProfile
 from .rules import build_rule
 from .rules.engine import Engine
 from .runtime.clock import Clock, SystemClock
@@ -71,7 +74,7 @@ class Agent:
         self.engine: Engine | None = None
         self.sinks: dict[str, Sink] = {}
         self.dispatchers: list[Dispatcher] = []
-        self.connectors: list[MqttConnector | ModbusConnector] = []
+        self.connectors: list[MqttConnector | ModbusConnector | OpcuaConnector] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
         self.ingest_paused = False
@@ -134,6 +137,10 @@ class Agent:
                 prof = self.profiles[dev.profile]
                 assert isinstance(prof, ModbusProfile)
                 self.connectors.append(ModbusConnector(dev_id, dev.connection, prof, self.clock))
+            elif isinstance(dev.connection, OpcuaConnection):
+                oprof = self.profiles[dev.profile]
+                assert isinstance(oprof, OpcuaProfile)
+                self.connectors.append(OpcuaConnector(dev_id, dev.connection, oprof, self.clock))
         for broker, devices in sorted(by_broker.items()):
             self.connectors.append(
                 MqttConnector(
@@ -271,7 +278,7 @@ class Agent:
     def _device_health(self) -> dict[str, Health]:
         out: dict[str, Health] = {}
         for c in self.connectors:
-            if isinstance(c, ModbusConnector):
+            if isinstance(c, (ModbusConnector, OpcuaConnector)):
                 out[c.device] = c.health
             else:
                 out.update({d: c.health for d in c.devices})

@@ -112,7 +112,21 @@ class ModbusConnection(Model):
     )
 
 
-Connection = Annotated[MqttConnection | ModbusConnection, Field(discriminator="kind")]
+class OpcuaConnection(Model):
+    kind: Literal["opcua"] = Field(description="Connection kind.")
+    endpoint: str = Field(pattern=r"^opc\.tcp://", description="Server endpoint URL.")
+    timeout_secs: float = Field(4.0, gt=0, le=120, description="Timeout of one request.")
+    keepalive_secs: float = Field(
+        1.0, gt=0, le=60, description="How often the session is probed; a dead one is noticed "
+        "within about this (plus the request timeout)."
+    )
+    username: str | None = Field(None, description="User name token (else anonymous).")
+    password_file: Path | None = Field(None, description="File holding the password.")
+
+
+Connection = Annotated[
+    MqttConnection | ModbusConnection | OpcuaConnection, Field(discriminator="kind")
+]
 
 
 class DeviceConfig(Model):

@@ -33,6 +33,7 @@ from .config import (
 )
 from .errors import ConfigError, ConfigProblem, PayloadError
 from .profiles_modbus import ModbusProfile
+from .profiles_opcua import OpcuaProfile
 
 FieldType = Literal["string", "int", "float", "bool"]
 
@@ -94,7 +95,7 @@ class Profile(Model):
     events: dict[Name, MqttEventSpec] = Field(min_length=1, description="Events the device emits.")
 
 
-AnyProfile = Profile | ModbusProfile
+AnyProfile = Profile | ModbusProfile | OpcuaProfile
 
 
 def load_profile(path: Path) -> AnyProfile:
@@ -103,9 +104,9 @@ def load_profile(path: Path) -> AnyProfile:
     doc = read_yaml(path)
     _require_mapping(file, doc, "profile file")
     problems = _reference_problems(file, doc)
-    model: type[Profile] | type[ModbusProfile] = (
-        ModbusProfile if doc.get("protocol") == "modbus" else Profile
-    )
+    model: type[Profile] | type[ModbusProfile] | type[OpcuaProfile] = {
+        "modbus": ModbusProfile, "opcua": OpcuaProfile,
+    }.get(doc.get("protocol"), Profile)
     try:
         profile = model.model_validate(_plain(doc), context={_LOADER: True})
     except ValidationError as exc:

@@ -21,6 +21,7 @@ from edge_agent.profiles import (
     load_profiles,
 )
 from edge_agent.profiles_modbus import ModbusProfile
+from edge_agent.profiles_opcua import OpcuaProfile
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "device_profiles").glob("*.yaml"))
@@ -41,6 +42,10 @@ def test_every_shipped_profile_loads(path: Path) -> None:
         requests = [r for reqs in plan(profile).values() for r in reqs]
         planned = {name for r in requests for name, *_ in r.items}
         assert planned == set(profile.signals)  # every signal is read, by some request
+        return
+    if isinstance(profile, OpcuaProfile):
+        used = {s for e in profile.events.values() for s in [e.trigger.signal, *e.fields.values()]}
+        assert used <= set(profile.signals)
         return
     assert isinstance(profile, Profile)
     for spec in profile.events.values():
