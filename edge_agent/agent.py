@@ -140,7 +140,9 @@ class Agent:
             elif isinstance(dev.connection, OpcuaConnection):
                 oprof = self.profiles[dev.profile]
                 assert isinstance(oprof, OpcuaProfile)
-                self.connectors.append(OpcuaConnector(dev_id, dev.connection, oprof, self.clock))
+                self.connectors.append(
+                    OpcuaConnector(dev_id, self._resolve_paths(dev.connection), oprof, self.clock)
+                )
         for broker, devices in sorted(by_broker.items()):
             self.connectors.append(
                 MqttConnector(
@@ -155,6 +157,15 @@ class Agent:
         if b.password_file is not None and not b.password_file.is_absolute():
             b = b.model_copy(update={"password_file": self.base_dir / b.password_file})
         return b
+
+    def _resolve_paths(self, conn: OpcuaConnection) -> OpcuaConnection:
+        """File paths in a connection are relative to the site file's directory."""
+        update = {
+            k: self.base_dir / v
+            for k in ("certificate_dir", "server_certificate", "password_file")
+            if isinstance(v := getattr(conn, k), Path) and not v.is_absolute()
+        }
+        return conn.model_copy(update=update) if update else conn
 
     def _client_id(self, broker: str) -> str:
         return self.site.brokers[broker].client_id or f"edge-agent-{self.site.site}"

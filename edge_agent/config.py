@@ -122,6 +122,36 @@ class OpcuaConnection(Model):
     )
     username: str | None = Field(None, description="User name token (else anonymous).")
     password_file: Path | None = Field(None, description="File holding the password.")
+    security_policy: Literal[
+        "None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"
+    ] = Field("None", description="OPC UA security policy of the secure channel.")
+    security_mode: Literal["Sign", "SignAndEncrypt"] = Field(
+        "SignAndEncrypt", description="Message security mode (with a policy other than None)."
+    )
+    certificate_dir: Path = Field(
+        Path("pki"), description="Where the agent's application certificate and key live "
+        "(generated on first start when missing; relative to the site file)."
+    )
+    server_certificate: Path | None = Field(
+        None, description="The trusted server certificate (DER or PEM): anything else is refused."
+    )
+    server_fingerprint: str | None = Field(
+        None, description="Pinned SHA-256 fingerprint of the server certificate (hex, ':' allowed)."
+    )
+    trust_any_server_certificate: bool = Field(
+        False, description="Accept whatever certificate the server presents. Only for tests."
+    )
+
+    @model_validator(mode="after")
+    def _trust_is_explicit(self) -> OpcuaConnection:
+        if self.security_policy != "None" and not (
+            self.server_certificate or self.server_fingerprint or self.trust_any_server_certificate
+        ):
+            raise ValueError(
+                "a secure connection needs server_certificate or server_fingerprint (or, "
+                "explicitly, trust_any_server_certificate: true)"
+            )
+        return self
 
 
 Connection = Annotated[

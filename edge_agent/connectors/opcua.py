@@ -15,11 +15,18 @@ server re-sends after a reconnect only set the baseline and never make duplicate
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import socket
 from typing import Any
 
 from asyncua import Client, Node, ua
 from asyncua.common.subscription import Subscription
+from asyncua.crypto import security_policies
+from asyncua.crypto.cert_gen import setup_self_signed_certificate
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..config import OpcuaConnection
 from ..errors import NotConnected, RetriableError
@@ -31,6 +38,20 @@ from ..runtime.supervisor import Health
 from .triggers import Watch
 
 log = logging.getLogger(__name__)
+
+
+POLICIES = {
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
+
+
+def _der(data: bytes) -> bytes:
+    """A certificate file's DER bytes (files may be DER or PEM)."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    return data
 
 
 class _Watcher:
@@ -64,6 +85,7 @@ class OpcuaConnector:
         self._scheduled = False
         self._lost: asyncio.Future[None] | None = None
         self._stopping = False
+        self._warned_blind_trust = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -81,6 +103,8 @@ class OpcuaConnector:
                 client.set_password(c.password_file.read_text(encoding="utf-8").strip())
         self.client = client
         try:
+            if c.security_policy != "None":
+                await self._secure(client)
             try:
                 await asyncio.wait_for(client.connect(), c.timeout_secs * 2)
             except (OSError, TimeoutError, ua.UaError, asyncio.TimeoutError) as exc:
@@ -102,6 +126,53 @@ class OpcuaConnector:
                 await asyncio.wait_for(client.disconnect(), 2)
             except Exception:
                 pass
+
+    async def _secure(self, client: Client) -> None:
+        """Application certificate (made on first start), then the server's certificate checked
+        against the trusted one or the pinned fingerprint before any session is opened."""
+        c = self.conn
+        pki = c.certificate_dir
+        pki.mkdir(parents=True, exist_ok=True)
+        key, cert = pki / "edge-agent-key.pem", pki / "edge-agent-cert.der"
+        host = socket.gethostname()
+        client.application_uri = f"urn:edge-agent:{host}"
+        if not cert.exists() or not key.exists():
+            await setup_self_signed_certificate(
+                key, cert, client.application_uri, host, [ExtendedKeyUsageOID.CLIENT_AUTH],
+                {"commonName": f"edge-agent@{host}", "organizationName": "edge-agent"},
+            )
+            log.info("%s: created the agent's application certificate %s", self.name, cert)
+        policy = POLICIES[c.security_policy]
+        mode = getattr(ua.MessageSecurityMode, c.security_mode)
+        try:
+            endpoints = await asyncio.wait_for(client.connect_and_get_server_endpoints(),
+                                               c.timeout_secs * 2)
+        except (OSError, TimeoutError, ua.UaError) as exc:
+            raise NotConnected(f"{self.name}: cannot reach {c.endpoint}: {exc!r}") from exc
+        ep = next((e for e in endpoints if e.SecurityPolicyUri == policy.URI
+                   and e.SecurityMode == mode), None)
+        if ep is None:
+            offered = sorted({f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}"
+                              for e in endpoints})
+            raise NotConnected(f"{self.name}: server offers no {c.security_policy}/"
+                               f"{c.security_mode} endpoint (it offers: {', '.join(offered)})")
+        der = bytes(ep.ServerCertificate)
+        fingerprint = hashlib.sha256(der).hexdigest()
+        if c.server_fingerprint:
+            pinned = c.server_fingerprint.replace(":", "").lower()
+            if fingerprint != pinned:
+                raise NotConnected(f"{self.name}: refused the server certificate: SHA-256 "
+                                   f"fingerprint {fingerprint} is not the pinned {pinned}")
+        elif c.server_certificate:
+            trusted = _der(c.server_certificate.read_bytes())
+            if der != trusted:
+                raise NotConnected(f"{self.name}: refused the server certificate (SHA-256 "
+                                   f"{fingerprint}): it is not the trusted {c.server_certificate}")
+        elif not self._warned_blind_trust:
+            self._warned_blind_trust = True
+            log.warning("%s: accepting the server certificate %s without checking it "
+                        "(trust_any_server_certificate)", self.name, fingerprint)
+        await client.set_security(policy, str(cert), str(key), server_certificate=der, mode=mode)
 
     async def stop(self) -> None:
         self._stopping = True

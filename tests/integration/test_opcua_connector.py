@@ -114,3 +114,51 @@ async def test_a_missing_node_is_a_clear_error_naming_it():
             assert "induct_count" in c.health.last_error
             assert "Sorter1.Induct.Cnt" in c.health.last_error
             assert c.health.state == "offline"
+
+
+def secure_connector(sim: SorterSim, pki: Path, **kw) -> OpcuaConnector:
+    conn = OpcuaConnection(
+        kind="opcua", endpoint=sim.endpoint, timeout_secs=4, keepalive_secs=1,
+        security_policy="Basic256Sha256", security_mode="SignAndEncrypt", certificate_dir=pki,
+        **kw,
+    )
+    prof = load_profile(PROFILE)
+    assert isinstance(prof, OpcuaProfile)
+    return OpcuaConnector("SORTER1", conn, prof, SystemClock())
+
+
+async def test_sign_and_encrypt_with_a_trusted_server_certificate_and_a_password(tmp_path):
+    (tmp_path / "pw").write_text("s3cret\n")
+    async with SorterSim(rate=0, travel_secs=0.2, security="sign_encrypt",
+                         users={"operator": "s3cret"}, cert_dir=tmp_path / "srv") as sim:
+        c = secure_connector(sim, tmp_path / "pki", server_certificate=sim.server_certificate_path,
+                             username="operator", password_file=tmp_path / "pw")
+        async with running(c) as ing:
+            assert await until(lambda: c.health.state == "online", 20), c.health.last_error
+            assert (tmp_path / "pki" / "edge-agent-cert.der").exists()  # made on first start
+            await asyncio.sleep(0.3)
+            await sim.induct("S0000101", "C0000101", lane=3)
+            assert await until(lambda: len(diverts(ing)) == 1)
+            assert diverts(ing)[0].fields["lane"] == 3
+
+
+async def test_an_untrusted_server_certificate_is_refused_with_a_clear_error(tmp_path):
+    async with SorterSim(rate=0, security="sign_encrypt", cert_dir=tmp_path / "srv") as sim:
+        c = secure_connector(sim, tmp_path / "pki", server_fingerprint="ab" * 32)
+        async with running(c):
+            assert await until(lambda: c.health.last_error is not None, 15)
+            assert "refused the server certificate" in c.health.last_error
+            assert "is not the pinned abab" in c.health.last_error
+            assert c.health.state == "offline"
+
+
+async def test_a_wrong_password_is_a_clear_error(tmp_path):
+    (tmp_path / "pw").write_text("wrong")
+    async with SorterSim(rate=0, security="sign_encrypt", users={"operator": "s3cret"},
+                         cert_dir=tmp_path / "srv") as sim:
+        c = secure_connector(sim, tmp_path / "pki", trust_any_server_certificate=True,
+                             username="operator", password_file=tmp_path / "pw")
+        async with running(c):
+            assert await until(lambda: c.health.last_error is not None, 15)
+            assert "BadUserAccessDenied" in c.health.last_error, c.health.last_error
+            assert c.health.state == "offline"
