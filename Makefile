@@ -59,6 +59,7 @@ demo: deps
 bench: deps
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.modbus_poll
+	$(BIN)/python -m bench.opcua_subscribe
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
