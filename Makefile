@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help deps mosquitto mbpoll test test-all demo bench lint clean
+.PHONY: help deps mosquitto mbpoll interop test test-all demo bench lint clean
 
 help:
 	@echo "make demo   run the simulated packing line, broker, WMS/ERP stand-ins and the agent"
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
-deps: $(STAMP) mosquitto mbpoll
+deps: $(STAMP) mosquitto mbpoll interop
 
 # mosquitto is the broker the tests and the demo use; install it when it is missing.
 mosquitto:
@@ -42,6 +42,16 @@ mbpoll:
 		{ $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y mbpoll >/dev/null 2>&1; } || \
 		echo "could not install mbpoll: the Modbus interop test will fail"; \
 	fi
+
+# node-opcua: an OPC UA server we did not write, for the interoperability test.
+interop: tests/interop/node_modules/.installed
+
+tests/interop/node_modules/.installed: tests/interop/package.json
+	@command -v npm >/dev/null 2>&1 || { \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+		$$SUDO apt-get install -y nodejs npm >/dev/null 2>&1; }
+	cd tests/interop && npm install --no-audit --no-fund --silent
+	@touch $@
 
 test: deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

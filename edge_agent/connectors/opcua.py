@@ -10,6 +10,12 @@ drop, failed secure channel renewal) the connector raises ``NotConnected`` and t
 supervisor reconnects with backoff, resolving nodes and recreating the subscription anew.
 The triggers' state lives on the connector across reconnects, so the current values a
 server re-sends after a reconnect only set the baseline and never make duplicate events.
+
+Consistency of an event's fields: each publish response is replayed in source-time order,
+so fields a server writes before (or with) the trigger are read as of that trigger, even
+when several triggers come in one batch. A server that *samples* independent variables on
+their own clocks can report a trigger before the fields that go with it; such data needs a
+structure variable or an OPC UA event to be consistent (not handled here yet).
 """
 
 from __future__ import annotations
