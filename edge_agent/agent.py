@@ -85,7 +85,9 @@ class Agent:
     def _routes(self) -> dict[str, list[str]]:
         types: set[str] = set()
         for r in self.site.rules:
-            types |= {r.emit.type, *(t.emit.type for t in getattr(r, "terminate_on", ()))}
+            types |= {t.emit.type for t in getattr(r, "terminate_on", ())}
+            if r.emit is not None:
+                types.add(r.emit.type)
             if getattr(r, "on_timeout", None):
                 types.add(r.on_timeout.type)
         return {

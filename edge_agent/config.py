@@ -246,7 +246,10 @@ class CorrelateRule(Model):
         le=3600,
         description="Extra wait for messages that arrive out of order across devices.",
     )
-    emit: EmitSpec = Field(description="Event emitted when every input arrived in the window.")
+    emit: EmitSpec | None = Field(
+        None, description="Event emitted when every input arrived in the window (none: only "
+        "the timeout matters, e.g. a confirmation that must come)."
+    )
     on_timeout: TimeoutSpec | None = Field(
         None, description="Exception emitted when the window closes without every input."
     )
@@ -280,7 +283,22 @@ class MapRule(Model):
     emit: EmitSpec = Field(description="The business event emitted for each device event.")
 
 
-RuleConfig = Annotated[CorrelateRule | MapRule, Field(discriminator="kind")]
+class CountRule(Model):
+    kind: Literal["count"] = Field(description="Rule kind.")
+    name: Name = Field(description="Rule name; part of every event id and `source`.")
+    key: str = Field(min_length=1, description="Field the events are counted by.")
+    inputs: dict[Name, InputSpec] = Field(
+        min_length=1, max_length=1, description="The one input whose events are counted."
+    )
+    when: Condition | None = Field(None, description="Only device events that match count.")
+    threshold: int = Field(ge=2, le=1000, description="Emit when this many have come for a key.")
+    window_secs: float = Field(
+        300, gt=0, le=86400, description="Counted from the first event of a key."
+    )
+    emit: EmitSpec = Field(description="Event emitted once when the threshold is reached.")
+
+
+RuleConfig = Annotated[CorrelateRule | MapRule | CountRule, Field(discriminator="kind")]
 
 
 # --- sinks ---------------------------------------------------------------------------------
@@ -821,7 +839,7 @@ def _rule_types(rule: Any) -> tuple[list[str], bool]:
     """Event types a raw rule emits, and whether all of them could be read."""
     if not isinstance(rule, Mapping):
         return [], False
-    specs = [rule.get("emit")]
+    specs = [rule["emit"]] if rule.get("emit") is not None else []
     if rule.get("on_timeout") is not None:
         specs.append(rule["on_timeout"])
     terms = rule.get("terminate_on", [])

@@ -11,9 +11,10 @@ from typing import Any
 
 from .base import Rule
 from .correlate import Correlate
+from .count import Count
 from .map import Map
 
-RULE_KINDS: dict[str, Any] = {"correlate": Correlate, "map": Map}
+RULE_KINDS: dict[str, Any] = {"correlate": Correlate, "map": Map, "count": Count}
 
 
 def build_rule(cfg: Any, *, site: str) -> Rule:

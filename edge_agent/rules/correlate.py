@@ -93,7 +93,7 @@ class Correlate:
         self.window = cfg.window_secs
         self.lateness = cfg.allowed_lateness_secs
         self.needed = frozenset(cfg.inputs)
-        self.emit_ok = _Emit(cfg.emit)
+        self.emit_ok = _Emit(cfg.emit) if cfg.emit else None
         self.emit_timeout = _Emit(cfg.on_timeout) if cfg.on_timeout else None
         self.reasons = dict(cfg.on_timeout.reasons) if cfg.on_timeout else {}
         self.terminators: dict[str, list[tuple[Any, _Emit]]] = {}
@@ -219,13 +219,15 @@ class Correlate:
         self._out(self.emit_timeout, ctx, o.deadline, ids, key, out)
 
     def _resolve(
-        self, key: str, o: _Open, emit: _Emit, out: Output, reason: str | None, use: list[str]
+        self, key: str, o: _Open, emit: _Emit | None, out: Output, reason: str | None,
+        use: list[str],
     ) -> None:
-        ctx: dict[str, Any] = dict(o.parts)
-        ctx.update(key=key, rule=self.name, site=self.site, reason=reason, missing="")
-        parts = [o.parts[n] for n in use]
-        t = max(p.time for p in parts)
-        self._out(emit, ctx, t, sorted(p.msg_id for p in parts), key, out)
+        if emit is not None:
+            ctx: dict[str, Any] = dict(o.parts)
+            ctx.update(key=key, rule=self.name, site=self.site, reason=reason, missing="")
+            parts = [o.parts[n] for n in use]
+            t = max(p.time for p in parts)
+            self._out(emit, ctx, t, sorted(p.msg_id for p in parts), key, out)
         o.closed = True
         o.parts = {}
         out.state_changed(self.name, key, o)

@@ -1,0 +1,75 @@
+"""The ``count`` rule: an event when a key has had ``threshold`` matching device events
+within a window (e.g. a carton recirculated too often on a sorter).
+
+Per key it keeps the first event's time and the ids of the events counted (at most
+``threshold``), persisted with every group commit; it emits once per window, with an id made
+of the counted messages' ids, so a replay gives the same event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import CountRule
+from ..events import BusinessEvent, DeviceEvent, event_id
+from .base import Output
+from .correlate import _condition, _Emit, _subject
+
+
+class Count:
+    kind = "count"
+
+    def __init__(self, cfg: CountRule, *, site: str):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.site = site
+        self.source = f"edge-agent/{site}/rules/{cfg.name}"
+        self.when = _condition(cfg.when) if cfg.when else None
+        self.emit_spec = _Emit(cfg.emit)
+        self.window = cfg.window_secs
+        self.state: dict[str, dict[str, Any]] = {}  # key -> {"t0", "ids", "emitted"}
+
+    def inputs(self) -> list[tuple[str, str, str]]:
+        out = []
+        for name, spec in self.cfg.inputs.items():
+            devices = [spec.device] if isinstance(spec.device, str) else spec.device
+            events = [spec.event] if isinstance(spec.event, str) else spec.event
+            out += [(d, e, name) for d in devices for e in events]
+        return out
+
+    def open_keys(self) -> int:
+        return len(self.state)
+
+    def load_state(self, items: Mapping[str, Any]) -> None:
+        self.state = {k: dict(v) for k, v in items.items()}
+
+    def on_tick(self, now: float, out: Output) -> None:
+        for key in [k for k, s in self.state.items() if now - s["t0"] > self.window]:
+            del self.state[key]
+            out.state_changed(self.name, key, None)
+
+    def on_event(self, ev: DeviceEvent, input_name: str, out: Output) -> None:
+        if self.when is not None and not self.when(ev):
+            return
+        key = ev.fields.get(self.cfg.key)
+        if key is None or key == "":
+            return
+        key = str(key)
+        s = self.state.get(key)
+        if s is None or ev.time - s["t0"] > self.window:
+            s = self.state[key] = {"t0": ev.time, "ids": [], "emitted": False}
+        if s["emitted"]:
+            return
+        s["ids"].append(ev.msg_id)
+        if len(s["ids"]) >= self.cfg.threshold:
+            s["emitted"] = True
+            e = self.emit_spec
+            ctx: dict[str, Any] = {input_name: ev, "rule": self.name, "site": self.site,
+                                   "key": key, "reason": None, "missing": ""}
+            out.emit(BusinessEvent(
+                id=event_id(self.site, self.name, e.type, key, *sorted(s["ids"])),
+                type=e.type, subject=_subject(e.subject(ctx), key), time=ev.time,
+                source=self.source, data=e.data(ctx),
+            ))
+        out.state_changed(self.name, key, s)

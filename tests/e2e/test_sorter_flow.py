@@ -1,0 +1,118 @@
+"""The sorter over OPC UA through the whole agent: carton_sorted and sort_exception built
+with the rules engine (map, count, correlate), checked against the simulator's plan."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from edge_agent.agent import Agent
+from edge_agent.config import load_site
+from simulators.opcua_sorter import Disposition as D
+from simulators.opcua_sorter import SorterSim
+from simulators.procs import PROFILES
+from simulators.receiver import Receiver
+
+SITE = """
+site: sorter-e2e
+profiles_dir: {profiles}
+devices:
+  SORTER1:
+    profile: acme_sorter_opcua
+    connection: {{kind: opcua, endpoint: "{endpoint}", keepalive_secs: 0.5}}
+rules:
+  - name: sorted
+    kind: map
+    inputs: {{divert: {{device: SORTER1, event: divert}}}}
+    when: {{field: disposition, in: [sorted, no_read, no_destination, lane_full]}}
+    emit:
+      type: carton_sorted
+      subject: ${{divert.tracking_id}}
+      data: {{tracking_id: "${{divert.tracking_id}}", lane: "${{divert.lane}}", disposition: "${{divert.disposition}}"}}
+  - name: lost
+    kind: map
+    inputs: {{divert: {{device: SORTER1, event: divert}}}}
+    when: {{field: disposition, equals: lost_mistrack}}
+    emit:
+      type: sort_exception
+      subject: ${{divert.tracking_id}}
+      data: {{tracking_id: "${{divert.tracking_id}}", reason: lost}}
+  - name: recirculated
+    kind: count
+    key: tracking_id
+    inputs: {{divert: {{device: SORTER1, event: divert}}}}
+    when: {{field: disposition, equals: recirculated}}
+    threshold: 2
+    window_secs: 600
+    emit:
+      type: sort_exception
+      subject: ${{key}}
+      data: {{tracking_id: "${{key}}", reason: recirculated_too_often}}
+  - name: confirmed
+    kind: correlate
+    key: tracking_id
+    window_secs: 10
+    inputs:
+      induct: {{device: SORTER1, event: induct}}
+      divert: {{device: SORTER1, event: divert}}
+    on_timeout:
+      type: sort_exception
+      reasons: {{divert: no_confirmation, induct: no_induct}}
+      data: {{tracking_id: "${{key}}", reason: "${{reason}}"}}
+sinks:
+  wms: {{kind: http, url: "{wms}", batch_linger_ms: 5}}
+outbox: {{path: {db}, commit_interval_ms: 2}}
+"""
+
+PLAN = {  # tracking id -> dispositions (recirculations, then the final one)
+    "S0000001": (D.SORTED,),
+    "S0000002": (D.NO_READ,),
+    "S0000003": (D.RECIRCULATED, D.RECIRCULATED, D.SORTED),
+    "S0000004": (D.LOST_MISTRACK,),
+    "S0000005": (D.RECIRCULATED, D.SORTED),
+    "S0000006": (D.LANE_FULL,),
+}
+
+
+async def wait_for(pred, secs: float) -> bool:
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return pred()
+
+
+async def test_sorter_events_match_the_plan(tmp_path: Path):
+    async with SorterSim(rate=0, travel_secs=0.3, recirc_secs=0.3) as sim, Receiver("wms") as wms:
+        path = tmp_path / "site.yaml"
+        path.write_text(SITE.format(profiles=PROFILES, endpoint=sim.endpoint, db=tmp_path / "o.db",
+                                    wms=f"http://127.0.0.1:{wms.events_port}/events"))
+        site, profiles = load_site(path)
+        agent = Agent(site, profiles, base_dir=tmp_path)
+        task = asyncio.create_task(agent.run())
+        try:
+            assert await wait_for(
+                lambda: bool(agent.connectors) and agent.connectors[0].health.state == "online", 15)
+            await asyncio.sleep(0.5)
+            for tid, plan in PLAN.items():
+                await sim.induct(tid, "C" + tid[1:], dispositions=plan, lane=5)
+                await asyncio.sleep(0.05)
+            got = lambda: sorted((e["type"], e["data"]["tracking_id"]) for e in wms.events)  # noqa: E731
+            want = sorted([("carton_sorted", t) for t in ("S0000001", "S0000002", "S0000003",
+                                                          "S0000005", "S0000006")]
+                          + [("sort_exception", "S0000003"), ("sort_exception", "S0000004")])
+            assert await wait_for(lambda: got() == want, 20), got()
+            await asyncio.sleep(0.5)
+            assert got() == want  # nothing more, nothing twice
+            by = {(e["type"], e["data"]["tracking_id"]): e["data"] for e in wms.events}
+            assert by[("carton_sorted", "S0000001")] == {
+                "tracking_id": "S0000001", "lane": 5, "disposition": "sorted"}
+            assert by[("carton_sorted", "S0000002")]["disposition"] == "no_read"
+            assert by[("carton_sorted", "S0000006")]["disposition"] == "lane_full"
+            assert by[("sort_exception", "S0000003")]["reason"] == "recirculated_too_often"
+            assert by[("sort_exception", "S0000004")]["reason"] == "lost"
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 30)
