@@ -141,6 +141,10 @@ class OpcuaConnection(Model):
     trust_any_server_certificate: bool = Field(
         False, description="Accept whatever certificate the server presents. Only for tests."
     )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=8192, le=1 << 30,
+        description="Largest OPC UA message accepted from the server (announced in HELLO).",
+    )
 
     @model_validator(mode="after")
     def _trust_is_explicit(self) -> OpcuaConnection:

@@ -103,6 +103,7 @@ class OpcuaConnector:
         client = Client(c.endpoint, timeout=c.timeout_secs, watchdog_intervall=c.keepalive_secs,
                         auto_reconnect=False)
         client.connection_lost_callback = self._on_lost
+        client.max_messagesize = c.max_message_bytes  # capped: a huge response cannot sink us
         if c.username:
             client.set_user(c.username)
             if c.password_file:

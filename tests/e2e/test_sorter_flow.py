@@ -116,3 +116,84 @@ async def test_sorter_events_match_the_plan(tmp_path: Path):
         finally:
             agent.stop()
             await asyncio.wait_for(task, 30)
+
+
+SCANNER = """
+  SCANNER1:
+    profile: acme_scanner_opcua
+    connection: {{kind: opcua, endpoint: "{endpoint}", keepalive_secs: 0.5}}
+"""
+NO_READ_RULE = """
+  - name: no-reads
+    kind: map
+    inputs: {scan: {device: SCANNER1, event: read}}
+    when: {field: no_read, equals: true}
+    emit:
+      type: scan_no_read
+      subject: ${scan.tracking_id}
+      data: {tracking_id: "${scan.tracking_id}", station: SORTER1}
+"""
+
+
+def expected(truth: list[dict]) -> list[tuple[str, str, str]]:
+    """What the WMS must get for the simulator's cartons: (type, tracking id, detail)."""
+    out = []
+    for c in truth:
+        tid, final = c["tracking_id"], c["final_disposition"]
+        if final in ("sorted", "no_read", "no_destination", "lane_full"):
+            out.append(("carton_sorted", tid, f"{final}@{c['final_lane']}"))
+        if final == "lost_mistrack":
+            out.append(("sort_exception", tid, "lost"))
+        if c["dispositions"].count("recirculated") >= 2:
+            out.append(("sort_exception", tid, "recirculated_too_often"))
+        if not c["read"]:
+            out.append(("scan_no_read", tid, ""))
+    return sorted(out)
+
+
+def received(events: list[dict]) -> list[tuple[str, str, str]]:
+    out = []
+    for e in events:
+        d = e["data"]
+        if e["type"] == "carton_sorted":
+            detail = f"{d['disposition']}@{d['lane']}"
+        elif e["type"] == "sort_exception":
+            detail = d["reason"]
+        else:
+            detail = ""
+        out.append((e["type"], d["tracking_id"], detail))
+    return sorted(out)
+
+
+async def test_a_seeded_sorting_run_gives_exactly_the_planned_events(tmp_path: Path):
+    async with SorterSim(rate=15, seed=5, travel_secs=0.5, recirc_secs=0.3) as sim, \
+            Receiver("wms") as wms:
+        sim.pause()
+        text = SITE.format(profiles=PROFILES, endpoint=sim.endpoint, db=tmp_path / "o.db",
+                           wms=f"http://127.0.0.1:{wms.events_port}/events")
+        text = text.replace("rules:\n", SCANNER.format(endpoint=sim.endpoint) + "rules:\n" + NO_READ_RULE)
+        path = tmp_path / "site.yaml"
+        path.write_text(text)
+        site, profiles = load_site(path)
+        agent = Agent(site, profiles, base_dir=tmp_path)
+        task = asyncio.create_task(agent.run())
+        try:
+            assert await wait_for(lambda: len(agent.connectors) == 2 and all(
+                c.health.state == "online" for c in agent.connectors), 15)
+            await asyncio.sleep(0.5)
+            sim.resume()
+            await asyncio.sleep(5.0)
+            sim.pause()
+            assert await wait_for(lambda: all(c["done"] for c in sim.ground_truth()), 20)
+            truth = sim.ground_truth()
+            want = expected(truth)
+            assert len(truth) >= 50 and any(t == "sort_exception" for t, _, _ in want)
+            assert await wait_for(lambda: received(wms.events) == want, 20), (
+                set(received(wms.events)) ^ set(want))
+            await asyncio.sleep(0.5)
+            assert received(wms.events) == want
+            gaps = {c.name: c.status()["counter_gaps"] for c in agent.connectors}
+            assert all(v == 0 for g in gaps.values() for v in g.values()), gaps
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 30)
