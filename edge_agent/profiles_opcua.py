@@ -61,6 +61,14 @@ class OpcuaEvent(Model):
     fields: dict[Name, Name] = Field(description="Event field -> signal read with it.")
 
 
+class OpcuaAlarm(Model):
+    source: str = Field(description="Notifier node: nsu=<uri>;s=<id>, or a browse path like signals.")
+    fields: dict[Name, str] = Field(
+        default_factory=lambda: {"message": "Message", "severity": "Severity"},
+        description="Event field -> property of the OPC UA event (Message, Severity, SourceName, ...).",
+    )
+
+
 class OpcuaProfile(Model):
     version: int = Field(ge=1, description="Version of this profile file.")
     vendor: str = Field(description="Equipment vendor.")
@@ -75,6 +83,9 @@ class OpcuaProfile(Model):
     items_per_call: int = Field(500, ge=1, le=10_000, description="Monitored items created per call.")
     signals: dict[Name, OpcuaSignal] = Field(min_length=1, description="Signals by name.")
     events: dict[Name, OpcuaEvent] = Field(default_factory=dict, description="Events.")
+    alarms: dict[Name, OpcuaAlarm] = Field(
+        default_factory=dict, description="OPC UA events (alarms, AutoID reads) as device events."
+    )
 
     @model_validator(mode="after")
     def _references(self) -> OpcuaProfile:

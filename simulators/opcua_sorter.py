@@ -533,6 +533,10 @@ class SorterSim:
             idx = await server.register_namespace(NAMESPACE_URI)
             await server.register_namespace(DUMMY_NAMESPACE_URI)
         await self._build_address_space(server, idx)
+        # Alarms: Sorter1 is an event notifier; a jam raises an event (Message, Severity).
+        sorter = server.get_node(ua.NodeId("Sorter1", idx))
+        await sorter.set_event_notifier([ua.EventNotifier.SubscribeToEvents])
+        self._evgen = await server.get_event_generator(ua.ObjectIds.BaseEventType, sorter)
         # The listening socket of the previous server may linger for a moment.
         for attempt in range(50):
             try:
@@ -661,9 +665,17 @@ class SorterSim:
             "Sorter1.Divert.Count": self._values["Sorter1.Divert.Count"] + 1,
         })
 
+    async def alarm(self, message: str, severity: int = 800) -> None:
+        """Raise an OPC UA event on Sorter1 (as the PLC does on a jam)."""
+        if self._server is not None and getattr(self, "_evgen", None) is not None:
+            self._evgen.event.Message = ua.LocalizedText(message)
+            self._evgen.event.Severity = severity
+            await self._evgen.trigger()
+
     async def _jam(self) -> None:
         self._jammed_until = asyncio.get_running_loop().time() + self.jam_secs
         log.info("sorter jammed for %.1f s", self.jam_secs)
+        await self.alarm(f"sorter jammed (fault {JAM_FAULT_CODE})", 800)
         await self._publish({
             "Sorter1.State.Running": False,
             "Sorter1.State.FaultCode": JAM_FAULT_CODE,

@@ -92,6 +92,8 @@ class OpcuaConnector:
         self._lost: asyncio.Future[None] | None = None
         self._stopping = False
         self._warned_blind_trust = False
+        self._alarm_nodes: dict[str, Node] = {}
+        self._alarm_by_source: dict[Any, str] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -204,24 +206,27 @@ class OpcuaConnector:
                     raise RetriableError(f"{self.name}: server has no namespace {uri!r}") from None
             return indexes[uri]
 
+        async def locate(what: str, address: str) -> Node:
+            m = NODE_RE.match(address)
+            if m is not None:
+                uri, kind, ident = m.groups()
+                return client.get_node(f"ns={await index(uri)};{kind}={ident}")
+            parts = []
+            for el in address.split("/"):
+                alias, _, bname = el.partition(":")
+                ns = int(alias) if alias.isdigit() else await index(self.profile.namespaces[alias])
+                parts.append(f"{ns}:{bname}")
+            try:
+                return await client.nodes.objects.get_child(parts)
+            except ua.UaStatusCodeError as exc:
+                raise RetriableError(f"{self.name}: {what}: no node at path Objects/{address} "
+                                     f"({exc})") from exc
+
         nodes: dict[str, Node] = {}
         for name, s in self.profile.signals.items():
-            if s.node is not None:
-                m = NODE_RE.match(s.node)
-                assert m is not None
-                uri, kind, ident = m.groups()
-                nodes[name] = client.get_node(f"ns={await index(uri)};{kind}={ident}")
-            else:
-                parts = []
-                for el in (s.path or "").split("/"):
-                    alias, _, bname = el.partition(":")
-                    ns = int(alias) if alias.isdigit() else await index(self.profile.namespaces[alias])
-                    parts.append(f"{ns}:{bname}")
-                try:
-                    nodes[name] = await client.nodes.objects.get_child(parts)
-                except ua.UaStatusCodeError as exc:
-                    raise RetriableError(f"{self.name}: signal '{name}': no node at path "
-                                         f"Objects/{s.path} ({exc})") from exc
+            nodes[name] = await locate(f"signal '{name}'", s.node or s.path or "")
+        self._alarm_nodes = {name: await locate(f"alarm '{name}'", a.source)
+                             for name, a in self.profile.alarms.items()}
         # One batched read proves every node exists (and gives the first values).
         results = await client.read_attributes(list(nodes.values()), ua.AttributeIds.NodeClass)
         missing = [n for n, r in zip(nodes, results, strict=True) if not r.StatusCode.is_good()]
@@ -244,7 +249,30 @@ class OpcuaConnector:
                    if isinstance(r, ua.StatusCode)]
             if bad:
                 raise RetriableError(f"{self.name}: server refused monitored items: {', '.join(bad)}")
+        self._alarm_by_source = {}
+        for name, node in self._alarm_nodes.items():
+            await sub.subscribe_events(sourcenode=node, evtypes=ua.ObjectIds.BaseEventType)
+            self._alarm_by_source[node.nodeid] = name
         return sub
+
+    def event_notification(self, event: Any) -> None:
+        """An OPC UA event (alarm, AutoID read) from a notifier a profile alarm names."""
+        name = self._alarm_by_source.get(getattr(event, "SourceNode", None))
+        if name is None and len(self._alarm_by_source) == 1:
+            name = next(iter(self._alarm_by_source.values()))
+        if name is None or self.ingest is None:
+            return
+        fields: dict[str, Any] = {}
+        for field, prop in self.profile.alarms[name].fields.items():
+            v = getattr(event, prop, None)
+            fields[field] = v.Text if isinstance(v, ua.LocalizedText) else v
+        now = self.clock.now()
+        event_id = getattr(event, "EventId", b"") or b""
+        # The server's EventId identifies the event: a re-sent one is dropped as a duplicate.
+        ident = event_id.hex() if isinstance(event_id, bytes) else str(event_id)
+        self.ingest.device_event(
+            DeviceEvent(self.device, name, fields, now, now, f"{self.device}/{name}/{ident}"), None
+        )
 
     def _item_request(self, _sub: Subscription, name: str, node: Node) -> ua.MonitoredItemCreateRequest:
         s = self.profile.signals[name]

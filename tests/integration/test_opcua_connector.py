@@ -162,3 +162,16 @@ async def test_a_wrong_password_is_a_clear_error(tmp_path):
             assert await until(lambda: c.health.last_error is not None, 15)
             assert "BadUserAccessDenied" in c.health.last_error, c.health.last_error
             assert c.health.state == "offline"
+
+
+async def test_opcua_events_become_device_events():
+    async with SorterSim(rate=0) as sim:
+        c = connector(sim)
+        async with running(c) as ing:
+            assert await until(lambda: c.health.state == "online")
+            await asyncio.sleep(0.3)
+            await sim.alarm("sorter jammed (fault 1001)", 800)
+            assert await until(lambda: any(e.event == "alarm" for e in ing.events))
+            ev = next(e for e in ing.events if e.event == "alarm")
+            assert ev.fields == {"message": "sorter jammed (fault 1001)", "severity": 800}
+            assert ev.msg_id.startswith("SORTER1/alarm/") and len(ev.msg_id) > 20
