@@ -201,11 +201,13 @@ def schema(what: str) -> None:
 @click.option("--rate", default=200.0, show_default=True, help="Cartons per second.")
 @click.option("--seconds", default=0.0, help="Stop after this long (0 = until Ctrl-C).")
 @click.option("--workdir", default=".demo", show_default=True)
-def demo(rate: float, seconds: float, workdir: str) -> None:
+@click.option("--checkweigher", type=click.Choice(["mqtt", "modbus"]), default="mqtt",
+              show_default=True, help="Where the packing station's weights come from.")
+def demo(rate: float, seconds: float, workdir: str, checkweigher: str) -> None:
     """Run everything on this machine: broker, simulated line, stand-in WMS/ERP, agent, live view."""
     from .demo import run_demo
 
-    sys.exit(run_demo(rate=rate, seconds=seconds, workdir=Path(workdir)))
+    sys.exit(run_demo(rate=rate, seconds=seconds, workdir=Path(workdir), checkweigher=checkweigher))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ processes as the end-to-end tests (``simulators.procs``) and never reaches into 
 reads only the agent's status file, its outbox (read-only), the receivers' control API and
 the bus. Every child process is stopped on every path out of ``run_demo``.
 
+The packing station's checkweigher is CW1 on MQTT, or with ``checkweigher="modbus"``
+(``--checkweigher modbus``) a Modbus CW2 weighing the same seeded cartons
+(``simulators.modbus_line``); the line then runs at most at a few cartons a second.
+
 Stopping: SIGINT or SIGTERM (or ``seconds`` elapsed) stops the line, waits for the agent to
 settle (windows close, backlogs drain), SIGTERMs the agent (it drains), then stops the rest
 and reconciles each destination against the line's ground truth. A second signal skips the
@@ -21,6 +25,7 @@ import logging
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import sqlite3
@@ -74,6 +79,13 @@ SITE_FILE = Path(__file__).resolve().parent / "examples" / "site-modbus.yaml"
 # The Modbus ports in SITE_FILE, replaced by those the simulators listen on.
 MODBUS_PORTS = {"CONV1": 5021, "PTL1": 5022}
 MODBUS_KINDS = {"CONV1": "conveyor", "PTL1": "pick_to_light"}
+# Where the packing station's weights come from: the MQTT checkweigher CW1 of SITE_FILE, or
+# (``--checkweigher modbus``) a Modbus checkweigher CW2 in its place, weighing the same plan.
+CHECKWEIGHERS = ("mqtt", "modbus")
+MODBUS_CW = "CW2"
+MODBUS_CW_PROFILE = "acme_checkweigher_mb"
+MODBUS_CW_READY_POLLS = 3  # the agent has learnt the weighing counter before the first carton
+MODBUS_CW_READY_SECS = 10.0
 PICK_PRESSES_PER_SEC = 2.0  # the picker at PTL1, on average
 JAM_EVERY_SECS = (8.0, 20.0)  # the conveyor stops now and then ...
 JAM_LASTS_SECS = (2.0, 4.0)  # ... until an operator clears it
@@ -364,11 +376,90 @@ class _ModbusSimProc:
         self._log.close()
 
 
+class _ModbusLineProc:
+    """The carton line with its checkweigher on Modbus (``simulators.modbus_line``).
+
+    Started before the agent (the agent's site needs the checkweigher's port); the cartons
+    start only on `go`, once the agent polls the checkweigher. SIGTERM stops the line; the
+    checkweigher keeps answering after the last carton (``DONE``, see `done`) until `stop`.
+    """
+
+    def __init__(self, workdir: Path, *, port: int, rate: float, seed: int,
+                 fractions: dict[str, float], ground_truth: Path, protocol: str):
+        self.ground_truth = ground_truth
+        self.log_path = workdir / "line-modbus.log"
+        self._log = open(self.log_path, "wb")
+        args = [sys.executable, "-m", "simulators.modbus_line", "--port", str(port),
+                "--modbus-port", "0", "--forever", "--wait-go", "--hold", "--rate", f"{rate:g}",
+                "--seed", str(seed), "--protocol", protocol, "--ground-truth", str(ground_truth)]
+        for k, v in fractions.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(
+                f"the Modbus checkweigher line did not start: {line!r}; see {self.log_path}"
+            )
+        self.modbus_port = int(line.rsplit("port=", 1)[1])
+
+    def go(self) -> None:
+        """Start the cartons."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    def done(self, timeout_secs: float) -> bool:
+        """Whether the line finished its last carton (or exited), waiting up to the timeout."""
+        assert self.proc.stdout is not None
+        if self.proc.poll() is not None:
+            return True
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout_secs)
+        if not readable:
+            return False
+        line = self.proc.stdout.readline()
+        return not line or line.startswith(b"DONE")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self._log.close()
+
+
+def _modbus_checkweigher(text: str, port: int) -> str:
+    """SITE_FILE's text with the MQTT checkweigher CW1 replaced by the Modbus checkweigher."""
+    device = re.compile(r"^  CW1:\n(?:    .*\n)+", re.MULTILINE)
+    rule = "weight: {device: CW1, event: weight}"
+    if len(device.findall(text)) != 1 or text.count(rule) != 1:
+        raise ValueError(f"{SITE_FILE.name} has no single CW1 device and rule input to replace")
+    text = device.sub(
+        f"  {MODBUS_CW}:\n"
+        f"    profile: {MODBUS_CW_PROFILE}\n"
+        f"    description: Checkweigher at closing station 1 (Modbus TCP)\n"
+        f"    connection: {{kind: modbus, host: 127.0.0.1, port: {port}, timeout_ms: 500}}\n",
+        text,
+    )
+    return text.replace(rule, f"weight: {{device: {MODBUS_CW}, event: weight}}")
+
+
 def write_demo_site(
     workdir: Path, *, broker_port: int, wms_url: str, erp_url: str, protocol: str,
-    modbus_ports: dict[str, int],
+    modbus_ports: dict[str, int], checkweigher_port: int | None = None,
 ) -> Path:
-    """The demo's site file, pointed at this run's broker, receivers and simulators."""
+    """The demo's site file, pointed at this run's broker, receivers and simulators.
+
+    With `checkweigher_port`, the station's checkweigher is the Modbus CW2 listening there.
+    """
     text = SITE_FILE.read_text()
     subs = {
         "port: 1883": f"port: {broker_port}",
@@ -384,6 +475,8 @@ def write_demo_site(
     # All at once, so a new port never matches an old one ("port: 18830").
     pattern = re.compile("|".join(re.escape(old) + r"(?!\w)" for old in subs))
     text = pattern.sub(lambda m: subs[m.group(0)], text)
+    if checkweigher_port is not None:
+        text = _modbus_checkweigher(text, checkweigher_port)
     path = workdir / "site.yaml"
     path.write_text(text)
     return path
@@ -685,8 +778,9 @@ class _Outcome:
     sims: dict[str, dict[str, int]]  # Modbus device -> what its simulator did
     modbus: dict[str, dict[str, Any]]  # Modbus connector -> its last status
     ran_secs: float
-    problems: list[str]  # the run went wrong: it fails whatever the ledger says
-    notes: list[str]  # what explains a ledger that does not balance
+    checkweigher: str = "mqtt"
+    problems: list[str] = field(default_factory=list)  # the run went wrong: it fails whatever the ledger says
+    notes: list[str] = field(default_factory=list)  # what explains a ledger not balancing
 
     @property
     def ok(self) -> bool:
@@ -697,8 +791,9 @@ class Demo:
     """One run: start everything, show it, stop it in order, account for every carton."""
 
     def __init__(self, *, rate: float, seconds: float, workdir: Path, signals: _Signals,
-                 console: Console, interactive: bool):
+                 console: Console, interactive: bool, checkweigher: str = "mqtt"):
         self.rate = rate
+        self.checkweigher = checkweigher
         self.seconds = seconds
         self.workdir = workdir
         self.signals = signals
@@ -710,7 +805,7 @@ class Demo:
         self.broker: Mosquitto | EmbeddedBroker | None = None
         self.receivers: dict[str, ReceiverProc] = {}
         self.agent: AgentProc | None = None
-        self.line: LineProc | None = None
+        self.line: LineProc | _ModbusLineProc | None = None
         self.sims: dict[str, _ModbusSimProc] = {}
         self.modbus: dict[str, dict[str, Any]] = {}  # connector -> its latest status
         self.modbus_at_stop: dict[str, str | None] = {}  # connector -> state when stopping
@@ -753,8 +848,9 @@ class Demo:
     def _start(self) -> None:
         wd = self.workdir
         with _children_deaf_to_ctrl_c():
+            cw = " and checkweigher" if self.checkweigher == "modbus" else ""
             self._say(
-                f"starting: broker, stand-in WMS and ERP, Modbus conveyor and pick-to-light, "
+                f"starting: broker, stand-in WMS and ERP, Modbus conveyor, pick-to-light{cw}, "
                 f"agent (workdir {wd})"
             )
             self.broker = local_broker(wd / "broker")
@@ -765,11 +861,21 @@ class Demo:
             for dev, kind in MODBUS_KINDS.items():
                 rate = PICK_PRESSES_PER_SEC if kind == "pick_to_light" else self.rate
                 self.sims[dev] = _ModbusSimProc(dev, kind, wd, rate)
+            cw_port = None
+            if self.checkweigher == "modbus":
+                # Its checkweigher listens now; its cartons start once the agent polls it.
+                modbus_line = _ModbusLineProc(
+                    wd, port=self.broker.port, rate=self.rate, seed=SEED, fractions=FRACTIONS,
+                    ground_truth=self.truth.path, protocol=self.broker.protocol,
+                )
+                self.line = modbus_line
+                cw_port = modbus_line.modbus_port
             config = write_demo_site(
                 wd, broker_port=self.broker.port,
                 wms_url=self.receivers["wms"].url, erp_url=self.receivers["erp"].url,
                 protocol=self.broker.protocol,
                 modbus_ports={d: sim.port for d, sim in self.sims.items()},
+                checkweigher_port=cw_port,
             )
             site, _profiles = load_site(config)
             self._learn(site)
@@ -786,12 +892,17 @@ class Demo:
             self.agent = AgentProc(config, wd).start()
         if not self._wait_ready():
             return
-        with _children_deaf_to_ctrl_c():
-            self.line = LineProc(
-                wd, port=self.broker.port, count=None, rate=self.rate, seed=SEED,
-                fractions=FRACTIONS, ground_truth=self.truth.path,
-                protocol=self.broker.protocol,
-            )
+        if isinstance(self.line, _ModbusLineProc):
+            if not self._wait_polled(f"modbus:{MODBUS_CW}"):
+                return
+            self.line.go()
+        else:
+            with _children_deaf_to_ctrl_c():
+                self.line = LineProc(
+                    wd, port=self.broker.port, count=None, rate=self.rate, seed=SEED,
+                    fractions=FRACTIONS, ground_truth=self.truth.path,
+                    protocol=self.broker.protocol,
+                )
         self.line_started = time.monotonic()
         self._phase = "running"
         how_long = f"for {self.seconds:g} s" if self.seconds > 0 else "until Ctrl-C"
@@ -802,9 +913,10 @@ class Demo:
         self._say(
             f"stand-in WMS {self.receivers['wms'].url}, ERP {self.receivers['erp'].url}"
         )
-        self._say(
-            "Modbus " + ", ".join(f"{d} ({s.kind}) 127.0.0.1:{s.port}" for d, s in self.sims.items())
-        )
+        modbus = [f"{d} ({s.kind}) 127.0.0.1:{s.port}" for d, s in self.sims.items()]
+        if isinstance(self.line, _ModbusLineProc):
+            modbus.append(f"{MODBUS_CW} (checkweigher) 127.0.0.1:{self.line.modbus_port}")
+        self._say("Modbus " + ", ".join(modbus))
 
     def _learn(self, site: Any) -> None:
         for name in DESTINATIONS:
@@ -835,6 +947,24 @@ class Demo:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
+        return False
+
+    def _wait_polled(self, connector: str) -> bool:
+        """Until the agent polled `connector` a few times (it knows the counters by then)."""
+        assert self.agent is not None
+        deadline = time.monotonic() + MODBUS_CW_READY_SECS
+        while not self.signals.stop:
+            st = self.agent.status() or {}
+            if st.get("pid") == self.agent.pid:
+                c = st.get("connectors", {}).get(connector, {})
+                if c.get("state") == "online" and c.get("polls", 0) >= MODBUS_CW_READY_POLLS:
+                    return True
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the agent did not poll {connector} within {MODBUS_CW_READY_SECS:.0f} s; "
+                    f"see {self.agent.log_path}"
+                )
+            time.sleep(0.05)
         return False
 
     def close(self) -> None:
@@ -994,9 +1124,12 @@ class Demo:
             sim.quiet()  # no more presses or jams: what was pressed is still acknowledged
         if self.line is not None:
             self._phase = "stopping the line (it finishes the cartons it started)"
-            self._wait_exit("carton line", self.line.proc, LINE_STOP_SECS)
+            if isinstance(self.line, _ModbusLineProc):
+                self._wait_done(self.line)
+            else:
+                self._wait_exit("carton line", self.line.proc, LINE_STOP_SECS)
             self.line_stopped = time.monotonic()
-            if self.line.proc.returncode not in (0, -signal.SIGKILL):
+            if self.line.proc.returncode not in (None, 0, -signal.SIGKILL):
                 self.notes.append(
                     f"the carton line exited with {self.line.proc.returncode} (publishes the "
                     f"broker did not acknowledge?); see {self.line.log_path}"
@@ -1053,6 +1186,20 @@ class Demo:
                 return
             self._refresh()
             time.sleep(REFRESH_SECS)
+
+    def _wait_done(self, line: _ModbusLineProc) -> None:
+        """SIGTERM and wait until its last carton is weighed; its checkweigher stays up."""
+        if line.proc.poll() is None:
+            line.proc.terminate()
+        deadline = time.monotonic() + LINE_STOP_SECS
+        while not line.done(REFRESH_SECS / 2):
+            if self.signals.force or time.monotonic() > deadline:
+                why = "on a third Ctrl-C" if self.signals.force else f"after {LINE_STOP_SECS:.0f} s"
+                self.notes.append(f"the carton line was killed {why}")
+                line.proc.kill()
+                line.proc.wait()
+                return
+            self._refresh()
 
     def _wait_exit(self, what: str, proc: subprocess.Popen[bytes], timeout_secs: float) -> None:
         """SIGTERM and wait, refreshing the view; SIGKILL on timeout or a third signal."""
@@ -1117,6 +1264,7 @@ class Demo:
                 for n, c in sorted(self.modbus.items())
             },
             ran_secs=(self.line_stopped or time.monotonic()) - started,
+            checkweigher=self.checkweigher,
             problems=self.problems,
             notes=self.notes,
         )
@@ -1182,6 +1330,16 @@ def _modbus_lines(o: _Outcome) -> list[Text]:
         else:
             line.append(f"{delivered:,} pick events at wms", style="yellow")
         lines.append(line)
+    cw = o.modbus.get(f"modbus:{MODBUS_CW}")
+    if o.checkweigher == "modbus" and cw is not None:
+        # A weighing the agent's polls missed shows as a counter gap (and a wrong ledger).
+        weighed = sum(1 for c in o.cartons if c.get("outcome") != "missing_weight")
+        gaps = sum((cw.get("counter_gaps") or {}).values())
+        lines.append(Text(
+            f"  checkweigher {MODBUS_CW}    {weighed:,} weighings on Modbus, "
+            f"{gaps:,} missed by the agent (counter gaps)",
+            style="" if gaps == 0 else "yellow",
+        ))
     conv = o.sims.get("CONV1")
     if conv is not None:
         stops = sum(conv.values())
@@ -1270,12 +1428,33 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def run_demo(*, rate: float, seconds: float, workdir: Path) -> int:
+def run_demo(*, rate: float, seconds: float, workdir: Path, checkweigher: str = "mqtt") -> int:
     """Run the demo; 0 when every carton is accounted for everywhere, 1 when not, 2 when it
-    cannot run here (no mosquitto, bad arguments, a work directory it must not wipe)."""
+    cannot run here (no mosquitto, bad arguments, a work directory it must not wipe).
+
+    ``checkweigher="modbus"``: the packing station's weights come from a Modbus checkweigher
+    (CW2) instead of MQTT (CW1), and the line runs at most at its rate (a few cartons/s).
+    """
     if rate <= 0:
         print(f"edge-agent demo: --rate must be > 0, got {rate:g}", file=sys.stderr)
         return 2
+    if checkweigher not in CHECKWEIGHERS:
+        print(f"edge-agent demo: --checkweigher must be one of {', '.join(CHECKWEIGHERS)}, "
+              f"got {checkweigher!r}", file=sys.stderr)
+        return 2
+    if checkweigher == "modbus":
+        from simulators.modbus_line import MAX_RATE_PER_S
+
+        if rate > MAX_RATE_PER_S:
+            # A counter trigger sees one weighing per poll at most: weighings closer than a
+            # few polls would be missed (a counter gap), and their cartons not accounted for.
+            print(
+                f"edge-agent demo: the Modbus checkweigher weighs at most {MAX_RATE_PER_S:g} "
+                f"cartons/s (the agent polls its weighing counter every 50 ms): the line "
+                f"runs at {MAX_RATE_PER_S:g} cartons/s instead of {rate:g}",
+                flush=True,
+            )
+            rate = MAX_RATE_PER_S
     if find_mosquitto() is None and find_amqtt() is None:
         print(
             "edge-agent demo needs an MQTT broker: install mosquitto with "
@@ -1294,7 +1473,7 @@ def run_demo(*, rate: float, seconds: float, workdir: Path) -> int:
     with signals.installed(), _log_to(workdir / "demo.log"):
         demo = Demo(
             rate=rate, seconds=seconds, workdir=workdir, signals=signals,
-            console=Console(highlight=False), interactive=interactive,
+            console=Console(highlight=False), interactive=interactive, checkweigher=checkweigher,
         )
         try:
             return demo.run()

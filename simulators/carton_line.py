@@ -35,13 +35,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from itertools import count as count_from
 from itertools import islice, takewhile
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
+from typing import IO, Any, Literal, NamedTuple, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -359,6 +359,22 @@ class _Stamper:
         return payload
 
 
+class Weigher(Protocol):
+    """A checkweigher the line weighs on instead of publishing weights to MQTT (Modbus).
+
+    `weigh` is called at each carton's planned weighing time, in due order; it must not block
+    for long. `drain` returns once every weighing handed over has been performed.
+    """
+
+    def weigh(self, tracking_id: str, weight_g: float, in_tolerance: bool) -> None: ...
+
+    def reading(self, weight_g: float) -> float:
+        """The weight the device reports for `weight_g` (its resolution, e.g. float32)."""
+        ...
+
+    def drain(self, timeout_s: float) -> bool: ...
+
+
 class Publication(NamedTuple):
     due_ms: float
     topic: str
@@ -410,6 +426,8 @@ class RunSummary:
     messages: int = 0
     duplicates: int = 0
     reordered: int = 0
+    # Weights handed to a `Weigher` instead of published (counted in `messages` too).
+    weighings: int = 0
     # Publishes without a PUBACK when the run ended, and PUBACKs with a failure code.
     unacked: int = 0
     rejected: int = 0
@@ -433,6 +451,7 @@ class RunSummary:
             "messages": self.messages,
             "duplicates": self.duplicates,
             "reordered": self.reordered,
+            "weighings": self.weighings,
             "unacked": self.unacked,
             "rejected": self.rejected,
             "elapsed_s": round(self.elapsed_s, 3),
@@ -446,7 +465,8 @@ class RunSummary:
     def line(self) -> str:
         return (
             f"published cartons={self.cartons} messages={self.messages} "
-            f"duplicates={self.duplicates} reordered={self.reordered} unacked={self.unacked} "
+            f"duplicates={self.duplicates} reordered={self.reordered} "
+            f"weighings={self.weighings} unacked={self.unacked} "
             f"rejected={self.rejected} "
             f"elapsed_s={self.elapsed_s:.2f} max_lag_ms={self.max_lag_ms:.0f} "
             f"cartons_per_s={self.carton_rate:.0f} msgs_per_s={self.message_rate:.0f} "
@@ -540,8 +560,13 @@ def run_line(
     ack_timeout_secs: float = 30.0,
     connect_timeout_secs: float = 10.0,
     stop: threading.Event | None = None,
+    weigher: Weigher | None = None,
 ) -> RunSummary:
     """Publish `count` cartons (None: until `stop` is set) at `rate_per_s`; blocks.
+
+    With a `weigher` (a Modbus checkweigher), each carton's weight is not published but
+    weighed on it at the planned time; a duplicate weight message does not apply (a weighing
+    happens once), so it is dropped. The run ends after the weigher has drained.
 
     Returns after every QoS 1 publish is acknowledged by the broker or `ack_timeout_secs`
     has passed since the last publish (then `unacked` > 0). While more than MAX_UNACKED
@@ -577,6 +602,7 @@ def run_line(
         host, port, protocol, client_id or f"carton-line-{station}", connect_timeout_secs, acks
     )
     summary = RunSummary()
+    published = 0  # MQTT publishes, each due a PUBACK
     done_cartons: list[Carton] = []
     lines: IO[str] | None = None
     if ground_truth_path is not None and count is None:
@@ -597,32 +623,43 @@ def run_line(
             while nxt is not None and nxt.due_ms <= now_ms and batch < MAX_BATCH:
                 batch += 1
                 message = nxt.message
-                info = client.publish(message.topic, stamper.payload(nxt, clock.now()), qos=1)
-                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                    # NO_CONN is fine: paho keeps the message and sends it on reconnect.
-                    raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
-                summary.messages += 1
-                summary.duplicates += message.duplicate
+                if weigher is not None and message.device is Device.CHECKWEIGHER:
+                    if not message.duplicate:
+                        c = nxt.carton
+                        weigher.weigh(c.tracking_id, c.weight_g, True)
+                        summary.messages += 1
+                        summary.weighings += 1
+                else:
+                    info = client.publish(message.topic, stamper.payload(nxt, clock.now()), qos=1)
+                    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                        # NO_CONN is fine: paho keeps the message and sends it on reconnect.
+                        raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
+                    published += 1
+                    summary.messages += 1
+                    summary.duplicates += message.duplicate
                 if nxt.carton_done:
-                    _account(nxt.carton, summary)
+                    done = nxt.carton if weigher is None else as_weighed(nxt.carton, weigher)
+                    _account(done, summary)
                     if lines is not None:
-                        lines.write(json.dumps(nxt.carton.ground_truth()) + "\n")
+                        lines.write(json.dumps(done.ground_truth()) + "\n")
                     elif ground_truth_path is not None:
-                        done_cartons.append(nxt.carton)
+                        done_cartons.append(done)
                 nxt = next(items, None)
             if lines is not None:
                 lines.flush()
             # Backpressure: a slow or absent broker stalls the line (as a device buffer
             # would fill) instead of growing memory; a stop request still ends the wait.
             while not acks.wait(
-                summary.messages, at_most_pending=MAX_UNACKED, timeout_s=MAX_SLEEP_S
+                published, at_most_pending=MAX_UNACKED, timeout_s=MAX_SLEEP_S
             ):
                 if stop.is_set():
                     break
         summary.elapsed_s = time.monotonic() - t0
-        acks.wait(summary.messages, at_most_pending=0, timeout_s=ack_timeout_secs)
+        if weigher is not None and not weigher.drain(ack_timeout_secs):
+            raise RuntimeError(f"the checkweigher did not finish in {ack_timeout_secs} s")
+        acks.wait(published, at_most_pending=0, timeout_s=ack_timeout_secs)
         summary.rejected = acks.rejected
-        summary.unacked = summary.messages - acks.acked - acks.rejected
+        summary.unacked = published - acks.acked - acks.rejected
     finally:
         if lines is not None:
             lines.close()
@@ -637,6 +674,17 @@ def run_line(
         Path(ground_truth_path).write_text(json.dumps(document), encoding="utf-8")
     log.info("%s", summary.line())
     return summary
+
+
+def as_weighed(carton: Carton, weigher: Weigher) -> Carton:
+    """The carton as `weigher` reports it: its weight at the device's resolution."""
+    weight_g = weigher.reading(carton.weight_g)
+    if weight_g == carton.weight_g:
+        return carton
+    expected = _expected(
+        carton.outcome, carton.tracking_id, carton.carton_id, weight_g, carton.station
+    )
+    return replace(carton, weight_g=weight_g, expected=expected)
 
 
 def _account(carton: Carton, summary: RunSummary) -> None:

@@ -38,9 +38,10 @@ def _env() -> dict[str, str]:
 class Demo:
     """A running demo whose output is collected line by line by a reader thread."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 cmd: list[str] | None = None):
         self.proc = subprocess.Popen(
-            _demo_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [*cmd, *args] if cmd is not None else _demo_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**_env(), **(env or {})}, start_new_session=True,  # its own process group, as in a terminal
         )
         self.lines: list[str] = []
@@ -152,6 +153,31 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
         out = demo.output()
         assert rc == 0, out[-4000:]
         assert_all_accounted(out)
+        assert_no_child_left(demo)
+    finally:
+        demo.kill()
+
+
+@pytest.mark.timeout(90)
+def test_demo_with_the_modbus_checkweigher_accounts_for_every_carton(tmp_path):
+    args = ("--checkweigher", "modbus", "--seconds", "8", "--rate", "5",
+            "--workdir", str(tmp_path / "demo"))
+    demo = Demo(*args)
+    try:
+        assert demo.running.wait(30), demo.output()
+        _watch(demo, 60)
+        rc = demo.wait(60)
+        out = demo.output()
+        assert rc == 0, out[-4000:]
+        assert_all_accounted(out)
+        # The weights came over Modbus (CW2 polled, no weighing missed), not from CW1 on MQTT.
+        assert re.search(r"modbus devices\s+.*CW2 online \(polls [1-9]", out), out[-4000:]
+        weighed = re.search(r"checkweigher CW2\s+([\d,]+) weighings on Modbus, 0 missed", out)
+        assert weighed and int(weighed.group(1).replace(",", "")) > 0, out[-4000:]
+        site = (tmp_path / "demo" / "site.yaml").read_text()
+        assert "\n  CW1:" not in site and "device: CW1" not in site
+        assert "\n  CW2:\n    profile: acme_checkweigher_mb" in site
+        assert "weight: {device: CW2, event: weight}" in site
         assert_no_child_left(demo)
     finally:
         demo.kill()

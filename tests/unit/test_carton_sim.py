@@ -337,3 +337,81 @@ def test_forever_mode_appends_every_finished_carton(mosquitto, tmp_path):
     assert sorted(lines, key=lambda line: line["tracking_id"]) == [
         c.ground_truth() for c in planned
     ]
+
+
+class FakeWeigher:
+    """A `Weigher` that records its weighings and reports weights rounded to 0.5 g."""
+
+    def __init__(self) -> None:
+        self.weighed: list[tuple[str, float, bool]] = []
+
+    def weigh(self, tracking_id: str, weight_g: float, in_tolerance: bool) -> None:
+        self.weighed.append((tracking_id, weight_g, in_tolerance))
+
+    def reading(self, weight_g: float) -> float:
+        return round(weight_g * 2) / 2
+
+    def drain(self, timeout_s: float) -> bool:
+        return True
+
+
+def test_run_line_weighs_on_a_weigher_instead_of_publishing_weights(mosquitto, tmp_path):
+    base = "test/weigher"
+    fractions = {**FRACTIONS, "dup_frac": 0.3}
+    planned = plan(count=300, seed=7, base=base, **fractions)
+    scans = Counter(
+        (m.topic, m.tracking_id) for c in planned for m in c.messages if m.device is Device.SCANNER
+    )
+    sub = Subscriber(mosquitto, f"{base}/#")
+    weigher = FakeWeigher()
+    try:
+        gt_path = tmp_path / "gt.json"
+        summary = run_line(
+            "127.0.0.1", mosquitto, count=300, rate_per_s=1000, seed=7, base=base,
+            ground_truth_path=gt_path, weigher=weigher, **fractions,
+        )
+        got = sub.wait_for(sum(scans.values()), timeout_s=20)
+        time.sleep(0.2)  # nothing else arrives: no weight is published
+        got = sub.wait_for(sum(scans.values()) + 1, timeout_s=0)
+    finally:
+        sub.close()
+    assert summary.unacked == 0
+    # Scans (duplicates included) over MQTT, as planned; no weight on MQTT.
+    assert Counter((t, json.loads(p)["tracking_id"]) for t, p in got) == scans
+    # One weighing per carton that has a weight, in the plan's due order; duplicates dropped.
+    weighed = [c for c in planned if c.outcome is not Outcome.MISSING_WEIGHT]
+    assert sorted(weigher.weighed) == sorted((c.tracking_id, c.weight_g, True) for c in weighed)
+    assert summary.weighings == len(weighed)
+    assert any(m.duplicate and m.device is Device.CHECKWEIGHER for c in planned for m in c.messages)
+    # The ground truth is the plan, with the weights as the device reports them.
+    cartons = json.loads(gt_path.read_text())["cartons"]
+    assert [c["tracking_id"] for c in cartons] == [c.tracking_id for c in planned]
+    for truth, c in zip(cartons, planned, strict=True):
+        assert truth["weight_g"] == weigher.reading(c.weight_g)
+        for exp in truth["expected"]:
+            if "weight_g" in exp["data"]:
+                assert exp["data"]["weight_g"] == weigher.reading(c.weight_g)
+        assert truth["outcome"] == str(c.outcome)
+
+
+def test_modbus_weigher_spaces_weighings_and_reports_float32():
+    from simulators.modbus_line import ModbusWeigher
+
+    weigher = ModbusWeigher(min_gap_s=0.1).start()
+    try:
+        seen: list[tuple[float, int, str]] = [(0.0, 0, "")]  # power-up: nothing weighed
+        t0 = time.monotonic()
+        for i in range(3):  # all due at once: the device weighs them one by one
+            weigher.weigh(f"T{i:07d}", 1234.5 + i / 10, True)
+        while len(seen) < 4 and time.monotonic() - t0 < 5:
+            seq = weigher.sim.get("seq")
+            if seen[-1][1] != seq:
+                seen.append((time.monotonic() - t0, seq, weigher.sim.get("tracking_id")))
+            time.sleep(0.005)
+        assert weigher.drain(5)
+        assert [(s, tid) for _t, s, tid in seen[1:]] == [(i + 1, f"T{i:07d}") for i in range(3)]
+        assert seen[3][0] - seen[2][0] >= 0.09 and seen[2][0] - seen[1][0] >= 0.09
+        assert weigher.sim.get("weight_g") == weigher.reading(1234.7) != 1234.7
+        assert weigher.weighings == 3
+    finally:
+        weigher.close()
