@@ -164,7 +164,8 @@ class Agent:
         """File paths in a connection are relative to the site file's directory."""
         update = {
             k: self.base_dir / v
-            for k in ("certificate_dir", "server_certificate", "password_file")
+            for k in ("certificate_dir", "server_certificate", "password_file",
+                      "user_certificate", "user_private_key")
             if isinstance(v := getattr(conn, k), Path) and not v.is_absolute()
         }
         return conn.model_copy(update=update) if update else conn

@@ -141,6 +141,11 @@ class OpcuaConnection(Model):
     trust_any_server_certificate: bool = Field(
         False, description="Accept whatever certificate the server presents. Only for tests."
     )
+    user_certificate: Path | None = Field(
+        None, description="Certificate user token (X509), with user_private_key; instead of "
+        "a user name."
+    )
+    user_private_key: Path | None = Field(None, description="Private key of user_certificate.")
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=8192, le=1 << 30,
         description="Largest OPC UA message accepted from the server (announced in HELLO).",
@@ -148,6 +153,10 @@ class OpcuaConnection(Model):
 
     @model_validator(mode="after")
     def _trust_is_explicit(self) -> OpcuaConnection:
+        if (self.user_certificate is None) != (self.user_private_key is None):
+            raise ValueError("user_certificate and user_private_key go together")
+        if self.user_certificate is not None and self.username:
+            raise ValueError("use either a user name or a user certificate, not both")
         if self.security_policy != "None" and not (
             self.server_certificate or self.server_fingerprint or self.trust_any_server_certificate
         ):

@@ -248,6 +248,15 @@ def generate_certificate(
     key_path.chmod(0o600)
 
 
+def _to_der(cert: Any) -> bytes | None:
+    try:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return cert.public_bytes(Encoding.DER)
+    except AttributeError:
+        return None
+
+
 class _SorterUserManager(UserManager):
     """Refuses sessions on an unencrypted channel when security is required, and checks
     username/password against the configured users when there are any.
@@ -258,9 +267,11 @@ class _SorterUserManager(UserManager):
     on such a channel, which is how we refuse it.
     """
 
-    def __init__(self, users: Mapping[str, str], require_secure_channel: bool) -> None:
+    def __init__(self, users: Mapping[str, str], require_secure_channel: bool,
+                 user_certificates: Sequence[bytes] = ()) -> None:
         self._users = dict(users)
         self._require_secure_channel = require_secure_channel
+        self._user_certificates = set(user_certificates)  # DER of trusted X509 user tokens
 
     def get_user(
         self, iserver: Any, username: str | None = None, password: str | None = None,
@@ -268,6 +279,9 @@ class _SorterUserManager(UserManager):
     ) -> User | None:
         if self._require_secure_channel and not certificate:
             return None
+        if username is None and self._user_certificates:
+            der = certificate if isinstance(certificate, bytes) else _to_der(certificate)
+            return User(role=UserRole.User, name="x509") if der in self._user_certificates else None
         if not self._users:
             return User(role=UserRole.User)
         if username is None or username not in self._users:
@@ -305,6 +319,7 @@ class SorterSim:
         mix: DispositionMix | None = None,
         security: Security = "none",
         users: Mapping[str, str] | None = None,
+        user_certificates: Sequence[Path] = (),
         cert_dir: Path | str | None = None,
         ground_truth_path: Path | str | None = None,
         tracking_prefix: str = "S",
@@ -339,6 +354,7 @@ class SorterSim:
         self.mix = mix or DispositionMix()
         self.security: Security = security
         self.users = dict(users or {})
+        self.user_certificates = [Path(p).read_bytes() for p in user_certificates]
         self._cert_dir = Path(cert_dir) if cert_dir is not None else None
         self._tmp_cert_dir: Path | None = None
         self.ground_truth_path = Path(ground_truth_path) if ground_truth_path else None
@@ -507,7 +523,8 @@ class SorterSim:
 
     async def _start_server(self) -> None:
         server = Server(user_manager=_SorterUserManager(
-            self.users, require_secure_channel=self.security == "sign_encrypt"))
+            self.users, require_secure_channel=self.security == "sign_encrypt",
+            user_certificates=self.user_certificates))
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("ACME Sorter simulator")
@@ -522,7 +539,9 @@ class SorterSim:
         else:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         # With users, anonymous sessions are refused; without, nobody needs a password.
-        if self.users:
+        if self.user_certificates:
+            server.set_identity_tokens([ua.X509IdentityToken, ua.UserNameIdentityToken])
+        elif self.users:
             server.set_identity_tokens([ua.UserNameIdentityToken])
         else:
             server.set_identity_tokens([ua.AnonymousIdentityToken])

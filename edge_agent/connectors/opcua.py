@@ -112,6 +112,10 @@ class OpcuaConnector:
                 client.set_password(c.password_file.read_text(encoding="utf-8").strip())
         self.client = client
         try:
+            if c.user_certificate is not None and c.user_private_key is not None:
+                # asyncua names these "client" but they are the X509 *user* identity token.
+                await client.load_client_certificate(str(c.user_certificate))
+                await client.load_private_key(str(c.user_private_key))
             if c.security_policy != "None":
                 await self._secure(client)
             try:

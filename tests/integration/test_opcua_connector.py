@@ -175,3 +175,23 @@ async def test_opcua_events_become_device_events():
             ev = next(e for e in ing.events if e.event == "alarm")
             assert ev.fields == {"message": "sorter jammed (fault 1001)", "severity": 800}
             assert ev.msg_id.startswith("SORTER1/alarm/") and len(ev.msg_id) > 20
+
+
+async def test_certificate_user_token_accepted_when_trusted_refused_when_not(tmp_path):
+    from simulators.opcua_sorter import generate_certificate
+
+    good, good_key = tmp_path / "user.der", tmp_path / "user.pem"
+    bad, bad_key = tmp_path / "other.der", tmp_path / "other.pem"
+    generate_certificate(good, good_key, app_uri="urn:edge-agent:user", common_name="operator")
+    generate_certificate(bad, bad_key, app_uri="urn:edge-agent:other", common_name="intruder")
+    async with SorterSim(rate=0, security="sign_encrypt", cert_dir=tmp_path / "srv",
+                         user_certificates=[good]) as sim:
+        ok = secure_connector(sim, tmp_path / "pki", trust_any_server_certificate=True,
+                              user_certificate=good, user_private_key=good_key)
+        async with running(ok):
+            assert await until(lambda: ok.health.state == "online", 20), ok.health.last_error
+        refused = secure_connector(sim, tmp_path / "pki", trust_any_server_certificate=True,
+                                   user_certificate=bad, user_private_key=bad_key)
+        async with running(refused):
+            assert await until(lambda: refused.health.last_error is not None, 15)
+            assert "BadUserAccessDenied" in refused.health.last_error
