@@ -46,6 +46,16 @@ class Rule(Protocol):
     def open_keys(self) -> int: ...
 
 
+def input_triples(inputs: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(device, event, input name) for each input spec, expanding device and event lists."""
+    out = []
+    for name, spec in inputs.items():
+        devices = [spec.device] if isinstance(spec.device, str) else spec.device
+        events = [spec.event] if isinstance(spec.event, str) else spec.event
+        out += [(d, e, name) for d in devices for e in events]
+    return out
+
+
 # --- templates -----------------------------------------------------------------------------
 
 REF_RE = re.compile(r"\$\{([^}]*)\}")

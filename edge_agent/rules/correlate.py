@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import Condition, CorrelateRule
 from ..events import BusinessEvent, DeviceEvent, event_id
-from .base import Output, compile_data, compile_template
+from .base import Output, compile_data, compile_template, input_triples
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,7 @@ class Correlate:
     # --- Rule protocol ---------------------------------------------------------------------
 
     def inputs(self) -> list[tuple[str, str, str]]:
-        out = []
-        for name, spec in self.cfg.inputs.items():
-            devices = [spec.device] if isinstance(spec.device, str) else spec.device
-            out += [(d, spec.event, name) for d in devices]
-        return out
+        return input_triples(self.cfg.inputs)
 
     def open_keys(self) -> int:
         return len(self.open)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import MapRule
 from ..events import BusinessEvent, DeviceEvent, event_id
-from .base import Output
+from .base import Output, input_triples
 from .correlate import _condition, _Emit, _subject
 
 
@@ -30,12 +30,7 @@ class Map:
         self.counters = {"filtered": 0}
 
     def inputs(self) -> list[tuple[str, str, str]]:
-        out = []
-        for name, spec in self.cfg.inputs.items():
-            devices = [spec.device] if isinstance(spec.device, str) else spec.device
-            events = [spec.event] if isinstance(spec.event, str) else spec.event
-            out += [(d, e, name) for d in devices for e in events]
-        return out
+        return input_triples(self.cfg.inputs)
 
     def open_keys(self) -> int:
         return 0
