@@ -10,6 +10,11 @@ The packing station's checkweigher is CW1 on MQTT, or with ``checkweigher="modbu
 (``--checkweigher modbus``) a Modbus CW2 weighing the same seeded cartons
 (``simulators.modbus_line``); the line then runs at most at a few cartons a second.
 
+Downstream, an OPC UA sorter SORTER1 (``simulators.sorter_operator``, the
+``simulators.opcua_sorter`` simulator with its induct gate held until the agent is
+subscribed) sorts its own seeded cartons at `SORTER_RATE`; the summary checks the
+carton_sorted and sort_exception events at the WMS against the sorter's ground truth.
+
 Stopping: SIGINT or SIGTERM (or ``seconds`` elapsed) stops the line, waits for the agent to
 settle (windows close, backlogs drain), SIGTERMs the agent (it drains), then stops the rest
 and reconciles each destination against the line's ground truth. A second signal skips the
@@ -57,7 +62,7 @@ from simulators.broker import (
     stop_process,
 )
 from simulators.bus_recorder import BusRecorder
-from simulators.ledger import Ledger, reconcile
+from simulators.ledger import Ledger, reconcile, sorter_expected, sorter_received
 from simulators.procs import PROFILES, ROOT, AgentProc, LineProc, ReceiverProc
 
 from .config import HttpSinkConfig, MqttSinkConfig, load_site
@@ -86,6 +91,13 @@ MODBUS_CW = "CW2"
 MODBUS_CW_PROFILE = "acme_checkweigher_mb"
 MODBUS_CW_READY_POLLS = 3  # the agent has learnt the weighing counter before the first carton
 MODBUS_CW_READY_SECS = 10.0
+# The OPC UA sorter: its endpoint in SITE_FILE, replaced by its simulator's.
+SORTER = "SORTER1"
+SORTER_ENDPOINT = "opc.tcp://127.0.0.1:4840/"
+SORTER_RATE = 3.0  # cartons/s, whatever the closing line's rate
+SORTER_READY_SECS = 15.0
+SORTER_STOP_SECS = 20.0  # induct closed: the cartons on the belt finish within this
+SORTER_TYPES = ("carton_sorted", "sort_exception")
 PICK_PRESSES_PER_SEC = 2.0  # the picker at PTL1, on average
 JAM_EVERY_SECS = (8.0, 20.0)  # the conveyor stops now and then ...
 JAM_LASTS_SECS = (2.0, 4.0)  # ... until an operator clears it
@@ -122,6 +134,8 @@ TYPE_STYLES = {
     "pick_confirmed": "cyan",
     "pick_short": "bold yellow",
     "equipment_fault": "bold red",
+    "carton_sorted": "blue",
+    "sort_exception": "bold magenta",
 }
 STATE_STYLES = {
     "online": "green",
@@ -436,6 +450,109 @@ class _ModbusLineProc:
         self._log.close()
 
 
+class _SorterProc:
+    """The OPC UA sorter SORTER1 (``simulators.sorter_operator``) in its own process.
+
+    Its induct gate stays closed until `go` (the agent is subscribed by then, so it sees
+    every carton from its induct on); `pause` closes it and `done` tells when the belt is
+    empty; SIGTERM (`stop`) writes its ground truth, read by `truth`.
+    """
+
+    def __init__(self, workdir: Path, *, rate: float, seed: int):
+        self.ground_truth = workdir / "sorter_truth.json"
+        self.log_path = workdir / "sim-SORTER1.log"
+        self._log = open(self.log_path, "wb")
+        self._done = False
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simulators.sorter_operator", "--port", "0",
+             "--rate", f"{rate:g}", "--seed", str(seed), "--ground-truth",
+             str(self.ground_truth), "--wait-go"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(f"the OPC UA sorter did not start: {line!r}; see {self.log_path}")
+        self.endpoint = line.split("endpoint=", 1)[1].split()[0]
+
+    def _send(self, cmd: str) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(cmd.encode() + b"\n")
+                self.proc.stdin.flush()
+
+    def go(self) -> None:
+        self._send("go")
+
+    def pause(self) -> None:
+        self._send("pause")
+
+    def done(self, timeout_secs: float) -> bool:
+        """Whether every inducted carton is done (after `pause`), waiting up to the timeout."""
+        assert self.proc.stdout is not None
+        if self._done or self.proc.poll() is not None:
+            return True
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout_secs)
+        if readable:
+            line = self.proc.stdout.readline()
+            self._done = not line or line.startswith(b"DONE")
+        return self._done
+
+    def truth(self) -> list[dict[str, Any]] | None:
+        """Its ground truth, written when it stopped; None if it was not."""
+        try:
+            cartons = json.loads(self.ground_truth.read_text())
+        except (OSError, ValueError):
+            return None
+        return cartons if isinstance(cartons, list) else None
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self._log.close()
+
+
+@dataclass
+class _SorterOutcome:
+    inducted: int
+    done: int
+    at_wms: Counter[str]  # sorter event type -> unique events at the WMS
+    missing: list[tuple[str, str, str]]  # planned, not at the WMS (None truth: unknown)
+    unexpected: list[tuple[str, str, str]]  # at the WMS, not planned (or more than once)
+    truth_read: bool
+    state_at_stop: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.truth_read and not self.missing and not self.unexpected
+
+
+def sorter_outcome(truth: list[dict[str, Any]] | None, wms_events: list[dict[str, Any]],
+                   state_at_stop: str | None) -> _SorterOutcome:
+    """The sorter events at the WMS against its ground truth, cartons done at stop only."""
+    got = sorter_received(wms_events, types=SORTER_TYPES)
+    at_wms = Counter(t for t, _, _ in got)
+    if truth is None:
+        return _SorterOutcome(0, 0, at_wms, [], [], False, state_at_stop)
+    not_done = {c["tracking_id"] for c in truth if not c.get("done")}
+    got = [g for g in got if g[1] not in not_done]
+    want = sorter_expected(truth)
+    missing = list((Counter(want) - Counter(got)).elements())
+    unexpected = list((Counter(got) - Counter(want)).elements())
+    return _SorterOutcome(
+        inducted=len(truth), done=len(truth) - len(not_done), at_wms=at_wms,
+        missing=sorted(missing), unexpected=sorted(unexpected), truth_read=True,
+        state_at_stop=state_at_stop,
+    )
+
+
 def _modbus_checkweigher(text: str, port: int) -> str:
     """SITE_FILE's text with the MQTT checkweigher CW1 replaced by the Modbus checkweigher."""
     device = re.compile(r"^  CW1:\n(?:    .*\n)+", re.MULTILINE)
@@ -455,6 +572,7 @@ def _modbus_checkweigher(text: str, port: int) -> str:
 def write_demo_site(
     workdir: Path, *, broker_port: int, wms_url: str, erp_url: str, protocol: str,
     modbus_ports: dict[str, int], checkweigher_port: int | None = None,
+    sorter_endpoint: str | None = None,
 ) -> Path:
     """The demo's site file, pointed at this run's broker, receivers and simulators.
 
@@ -469,6 +587,8 @@ def write_demo_site(
         'protocol: "5"': f'protocol: "{protocol}"',
         **{f"port: {MODBUS_PORTS[d]}": f"port: {p}" for d, p in modbus_ports.items()},
     }
+    if sorter_endpoint is not None:
+        subs[SORTER_ENDPOINT] = sorter_endpoint
     for old in subs:
         if len(re.findall(re.escape(old) + r"(?!\w)", text)) != 1:
             raise ValueError(f"{SITE_FILE.name} has no single {old!r} to replace")
@@ -592,9 +712,10 @@ def _devices(info: _ViewInfo, s: _Sample) -> Panel:
         state = _styled(c.get("state"))
         if c.get("restarts"):
             state.append(f" ↻{c['restarts']}", style="dim")
+        received = c.get("received", c.get("notifications"))  # OPC UA: notifications
         t.add_row(
             name, ", ".join(info.devices.get(name, [])), state,
-            _num(c.get("received")), _num(c.get("polls")),
+            _num(received), _num(c.get("polls")),
         )
     eng = (st or {}).get("engine", {})
     bad = sum(eng.get("bad_payloads", {}).values())
@@ -613,7 +734,16 @@ def _devices(info: _ViewInfo, s: _Sample) -> Panel:
         ("  last ", "dim"), fault,
     )
     picks.no_wrap, picks.overflow = True, "ellipsis"
-    return Panel(Group(t, foot, picks), title="Devices", title_align="left", box=box.ROUNDED)
+    sorter = conns.get(f"opcua:{SORTER}", {})
+    gaps = sum((sorter.get("counter_gaps") or {}).values())
+    sorted_line = Text.assemble(
+        (f"{SORTER} sorted ", "dim"), (_num(s.picks.get("carton_sorted", 0)), "blue"),
+        ("  exceptions ", "dim"), (_num(s.picks.get("sort_exception", 0)), "magenta"),
+        ("  counter gaps ", "dim"), (_num(gaps), "bold red" if gaps else ""),
+    )
+    sorted_line.no_wrap, sorted_line.overflow = True, "ellipsis"
+    return Panel(Group(t, foot, picks, sorted_line), title="Devices", title_align="left",
+                 box=box.ROUNDED)
 
 
 def _throughput(info: _ViewInfo, s: _Sample, width: int, height: int) -> Panel:
@@ -693,7 +823,7 @@ def render(
     """The whole screen; laid out for 100x30 and up."""
     width, height = size
     header_h, sinks_h, footer_h = 4, 2 + 1 + len(DESTINATIONS), 1
-    devices_h = 2 + 1 + len(info.devices) + 2
+    devices_h = 2 + 1 + len(info.devices) + 3
     middle_h = max(13, height - header_h - sinks_h - footer_h)
     left_w = max(40, width // 2)
     layout = Layout()
@@ -741,6 +871,9 @@ def progress_line(s: _Sample, uptime: float, phase: str) -> str:
     for name, c in sorted(st.get("connectors", {}).items()):
         if name.startswith("modbus:"):
             parts.append(f"{name.split(':', 1)[1]} {c.get('state', '-')} polls {c.get('polls', 0)}")
+        elif name.startswith("opcua:"):
+            parts.append(f"{name.split(':', 1)[1]} {c.get('state', '-')} "
+                         f"notifications {c.get('notifications', 0)}")
     return "  ".join(parts)
 
 
@@ -779,12 +912,14 @@ class _Outcome:
     modbus: dict[str, dict[str, Any]]  # Modbus connector -> its last status
     ran_secs: float
     checkweigher: str = "mqtt"
+    sorter: _SorterOutcome | None = None
     problems: list[str] = field(default_factory=list)  # the run went wrong: it fails whatever the ledger says
     notes: list[str] = field(default_factory=list)  # what explains a ledger not balancing
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(led.ok for led in self.ledgers.values())
+        return (not self.problems and all(led.ok for led in self.ledgers.values())
+                and (self.sorter is None or self.sorter.ok))
 
 
 class Demo:
@@ -807,6 +942,8 @@ class Demo:
         self.agent: AgentProc | None = None
         self.line: LineProc | _ModbusLineProc | None = None
         self.sims: dict[str, _ModbusSimProc] = {}
+        self.sorter: _SorterProc | None = None
+        self.sorter_at_stop: str | None = None  # SORTER1's connector state when stopping
         self.modbus: dict[str, dict[str, Any]] = {}  # connector -> its latest status
         self.modbus_at_stop: dict[str, str | None] = {}  # connector -> state when stopping
         self.bus: BusRecorder | None = None
@@ -814,13 +951,16 @@ class Demo:
         self.truth = _GroundTruth(workdir / "ground_truth.json")
         self.rates = _Rates()
         self.types: dict[str, set[str] | None] = {}
+        # Rules whose open keys are counting windows (no event due when they close): the
+        # settling does not wait for them (the sorter's recirculation count keeps 600 s).
+        self.counting_rules: set[str] = set()
         self.info: _ViewInfo | None = None
         self.problems: list[str] = []
         self.notes: list[str] = []
         self._backlog: dict[str, int] | None = None
         self._backlog_at = 0.0
         self._bus_seen = 0  # bus events looked at for pick/fault events
-        self._pick_ids: dict[str, set[str]] = {t: set() for t in PICK_TYPES}
+        self._pick_ids: dict[str, set[str]] = {t: set() for t in (*PICK_TYPES, *SORTER_TYPES)}
         self._last_fault: tuple[float, str] | None = None
         self._sample = _Sample()
         self._phase = "starting"
@@ -851,7 +991,7 @@ class Demo:
             cw = " and checkweigher" if self.checkweigher == "modbus" else ""
             self._say(
                 f"starting: broker, stand-in WMS and ERP, Modbus conveyor, pick-to-light{cw}, "
-                f"agent (workdir {wd})"
+                f"OPC UA sorter, agent (workdir {wd})"
             )
             self.broker = local_broker(wd / "broker")
             if isinstance(self.broker, EmbeddedBroker):
@@ -861,6 +1001,7 @@ class Demo:
             for dev, kind in MODBUS_KINDS.items():
                 rate = PICK_PRESSES_PER_SEC if kind == "pick_to_light" else self.rate
                 self.sims[dev] = _ModbusSimProc(dev, kind, wd, rate)
+            self.sorter = _SorterProc(wd, rate=SORTER_RATE, seed=SEED)
             cw_port = None
             if self.checkweigher == "modbus":
                 # Its checkweigher listens now; its cartons start once the agent polls it.
@@ -875,7 +1016,7 @@ class Demo:
                 wms_url=self.receivers["wms"].url, erp_url=self.receivers["erp"].url,
                 protocol=self.broker.protocol,
                 modbus_ports={d: sim.port for d, sim in self.sims.items()},
-                checkweigher_port=cw_port,
+                checkweigher_port=cw_port, sorter_endpoint=self.sorter.endpoint,
             )
             site, _profiles = load_site(config)
             self._learn(site)
@@ -892,6 +1033,10 @@ class Demo:
             self.agent = AgentProc(config, wd).start()
         if not self._wait_ready():
             return
+        # The sorter's cartons start once the agent is subscribed: it sees each from its induct.
+        if not self._wait_online(f"opcua:{SORTER}", SORTER_READY_SECS):
+            return
+        self.sorter.go()
         if isinstance(self.line, _ModbusLineProc):
             if not self._wait_polled(f"modbus:{MODBUS_CW}"):
                 return
@@ -917,6 +1062,7 @@ class Demo:
         if isinstance(self.line, _ModbusLineProc):
             modbus.append(f"{MODBUS_CW} (checkweigher) 127.0.0.1:{self.line.modbus_port}")
         self._say("Modbus " + ", ".join(modbus))
+        self._say(f"OPC UA sorter {SORTER} {self.sorter.endpoint} at {SORTER_RATE:g} cartons/s")
 
     def _learn(self, site: Any) -> None:
         for name in DESTINATIONS:
@@ -926,6 +1072,7 @@ class Demo:
             if name in RECEIVERS and not isinstance(cfg, HttpSinkConfig):
                 raise ValueError(f"the demo site's sink {name!r} is not an http sink")
             self.types[name] = set(cfg.event_types) if cfg.event_types is not None else None
+        self.counting_rules = {r.name for r in site.rules if getattr(r, "kind", None) == "count"}
         devices: dict[str, list[str]] = {}
         for dev_id, dev in site.devices.items():
             broker = getattr(dev.connection, "broker", None)
@@ -947,6 +1094,23 @@ class Demo:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
+        return False
+
+    def _wait_online(self, connector: str, timeout_secs: float) -> bool:
+        """Until the agent reports `connector` online."""
+        assert self.agent is not None
+        deadline = time.monotonic() + timeout_secs
+        while not self.signals.stop:
+            st = self.agent.status() or {}
+            if st.get("pid") == self.agent.pid:
+                if st.get("connectors", {}).get(connector, {}).get("state") == "online":
+                    return True
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the agent's {connector} was not online within {timeout_secs:.0f} s; "
+                    f"see {self.agent.log_path}"
+                )
+            time.sleep(0.05)
         return False
 
     def _wait_polled(self, connector: str) -> bool:
@@ -978,6 +1142,8 @@ class Demo:
         if self.agent is not None and (agent_proc := self.agent.proc) is not None:
             steps.append(("agent", lambda: _terminate(agent_proc, AGENT_STOP_SECS)))
         steps += [(f"{s.kind} simulator", s.stop) for s in self.sims.values()]
+        if self.sorter is not None:
+            steps.append(("sorter", self.sorter.stop))
         if self.bus is not None:
             steps.append(("bus recorder", self.bus.close))
         steps += [(f"receiver {n}", r.stop) for n, r in self.receivers.items()]
@@ -1114,14 +1280,23 @@ class Demo:
                     f"the carton line exited unexpectedly ({rc}); see {self.line.log_path}"
                 )
                 break
+            if self.sorter is not None and (rc := self.sorter.proc.poll()) is not None:
+                self.problems.append(
+                    f"the OPC UA sorter exited unexpectedly ({rc}); see {self.sorter.log_path}"
+                )
+                break
             self._tick()
 
     # --- stopping ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         self.modbus_at_stop = {n: c.get("state") for n, c in self.modbus.items()}
+        st = self._sample.status or {}
+        self.sorter_at_stop = st.get("connectors", {}).get(f"opcua:{SORTER}", {}).get("state")
         for sim in self.sims.values():
             sim.quiet()  # no more presses or jams: what was pressed is still acknowledged
+        if self.sorter is not None:
+            self.sorter.pause()  # no more inducts: the cartons on the belt finish
         if self.line is not None:
             self._phase = "stopping the line (it finishes the cartons it started)"
             if isinstance(self.line, _ModbusLineProc):
@@ -1134,6 +1309,8 @@ class Demo:
                     f"the carton line exited with {self.line.proc.returncode} (publishes the "
                     f"broker did not acknowledge?); see {self.line.log_path}"
                 )
+        if self.sorter is not None:
+            self._wait_sorter(self.sorter)
         if self.agent is not None and self.agent.proc is not None:
             if self.agent.proc.poll() is None and self.line is not None:
                 self._settle()
@@ -1146,6 +1323,10 @@ class Demo:
             self._wait_exit("agent", self.agent.proc, AGENT_STOP_SECS)
             self._poll()
             self._refresh()
+        if self.sorter is not None:
+            # Stopped after the agent settled: it writes its ground truth on SIGTERM.
+            self._phase = "stopping the sorter"
+            self._wait_exit("sorter", self.sorter.proc, SORTER_STOP_SECS)
 
     def _settle(self) -> None:
         """Until windows closed, every backlog is empty and the counts stand still."""
@@ -1168,12 +1349,16 @@ class Demo:
                 self.bus.unique() if self.bus else 0,
                 None if st is None else st["engine"]["business_events"],
                 None if st is None else sum(
-                    c.get("received", 0) for c in st["connectors"].values()
+                    c.get("received", 0) + c.get("notifications", 0)
+                    for c in st["connectors"].values()
                 ),
             )
             if counts != last:
                 last, quiet_since = counts, now
-            open_keys = None if st is None else sum(st["engine"]["open_keys"].values())
+            open_keys = None if st is None else sum(
+                n for rule, n in st["engine"]["open_keys"].items()
+                if rule not in self.counting_rules
+            )
             drained = (
                 open_keys == 0 and s.backlog is not None and not any(s.backlog.values())
             )
@@ -1186,6 +1371,19 @@ class Demo:
                 return
             self._refresh()
             time.sleep(REFRESH_SECS)
+
+    def _wait_sorter(self, sorter: _SorterProc) -> None:
+        """Until every carton on the sorter's belt reached its final disposition."""
+        self._phase = "stopping the sorter's induct (the cartons on the belt finish)"
+        deadline = time.monotonic() + SORTER_STOP_SECS
+        while not sorter.done(REFRESH_SECS / 2):
+            if self.signals.hurry or time.monotonic() > deadline:
+                why = "the shutdown was hurried" if self.signals.hurry else (
+                    f"after {SORTER_STOP_SECS:.0f} s")
+                self.notes.append(f"the sorter's belt was not empty at stop ({why})")
+                return
+            self._poll()
+            self._refresh()
 
     def _wait_done(self, line: _ModbusLineProc) -> None:
         """SIGTERM and wait until its last carton is weighed; its checkweigher stays up."""
@@ -1265,6 +1463,8 @@ class Demo:
             },
             ran_secs=(self.line_stopped or time.monotonic()) - started,
             checkweigher=self.checkweigher,
+            sorter=None if self.sorter is None else sorter_outcome(
+                self.sorter.truth(), received["wms"], self.sorter_at_stop),
             problems=self.problems,
             notes=self.notes,
         )
@@ -1353,6 +1553,38 @@ def _modbus_lines(o: _Outcome) -> list[Text]:
     return lines
 
 
+def _sorter_lines(o: _Outcome) -> list[Text]:
+    """The OPC UA sorter: what it did, and its events at the WMS against its plan."""
+    so = o.sorter
+    if so is None:
+        return []
+    state = so.state_at_stop or "-"
+    lines = [Text(
+        f"  sorter {SORTER}      {so.inducted:,} cartons inducted, "
+        f"{so.at_wms['carton_sorted']:,} carton_sorted, {so.at_wms['sort_exception']:,} "
+        f"sort_exception at wms ({state} at stop)",
+        style="" if state == "online" else "yellow",
+    )]
+    check = Text("  sorter vs its plan  ")
+    if not so.truth_read:
+        check.append("FAIL", style="bold red").append(
+            "  the sorter's ground truth could not be read")
+    elif so.ok:
+        check.append(" ok ", style="bold green").append(
+            f"  the events of its {so.done:,} finished cartons arrived at wms exactly as planned")
+    else:
+        check.append("FAIL", style="bold red").append(
+            f"  {so.done:,} finished cartons; missing {len(so.missing)}, "
+            f"unexpected {len(so.unexpected)}")
+    lines.append(check)
+    for label, items in (("missing", so.missing), ("unexpected", so.unexpected)):
+        if items:
+            shown = ", ".join(f"{t} {tid} {d}".rstrip() for t, tid, d in items[:3])
+            lines.append(Text(f"           {label}: {shown}" + (" ..." if len(items) > 3 else ""),
+                              style="red"))
+    return lines
+
+
 def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
     """The end-of-run report: what was simulated, emitted, delivered, and the ledger."""
     outcomes = Counter(c.get("outcome", "?") for c in o.cartons)
@@ -1374,6 +1606,7 @@ def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
              style="red" if any(o.dead.values()) else ""),
         Text(f"  bad payloads        {o.bad_payloads:,}"),
         *_modbus_lines(o),
+        *_sorter_lines(o),
         Text("  accounted for       each carton's expected events arrived once, with the right"
              " values:"),
     ]
@@ -1395,10 +1628,17 @@ def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
     lines += [Text(f"  note: {n}", style="yellow") for n in o.notes]
     lines += [Text(f"  problem: {p}", style="bold red") for p in o.problems]
     dests = ", ".join(DESTINATIONS[:-1]) + f" and {DESTINATIONS[-1]}"
+    sorter_bad = o.sorter is not None and not o.sorter.ok
     if o.ok:
         lines.append(Text(
             f"result: every simulated carton is accounted for exactly once at {dests}",
             style="bold green",
+        ))
+    elif sorter_bad and not o.problems and all(led.ok for led in o.ledgers.values()):
+        lines.append(Text(
+            f"result: every closing-station carton is accounted for at {dests}, but the "
+            f"sorter's events at wms do not match its plan; logs in {workdir}",
+            style="bold red",
         ))
     elif bad := [n for n in DESTINATIONS if not o.ledgers[n].ok]:
         lines.append(Text(

@@ -91,3 +91,51 @@ def reconcile(
         if tid not in known:
             led.unexpected += [f"{tid}:{e['type']}" for e in evs]
     return led
+
+
+# --- the sorter ----------------------------------------------------------------------------
+
+SORTER_TYPES = ("carton_sorted", "sort_exception", "scan_no_read")
+
+
+def sorter_expected(
+    truth: list[dict[str, Any]], *, scans: bool = False
+) -> list[tuple[str, str, str]]:
+    """What a destination must get for the OPC UA sorter simulator's finished cartons, as
+    sorted (type, tracking id, detail); ``scans``: the scanner's no-reads are expected too."""
+    out = []
+    for c in truth:
+        if not c.get("done"):
+            continue
+        tid, final = c["tracking_id"], c["final_disposition"]
+        if final in ("sorted", "no_read", "no_destination", "lane_full"):
+            out.append(("carton_sorted", tid, f"{final}@{c['final_lane']}"))
+        if final == "lost_mistrack":
+            out.append(("sort_exception", tid, "lost"))
+        if c["dispositions"].count("recirculated") >= 2:
+            out.append(("sort_exception", tid, "recirculated_too_often"))
+        if scans and not c["read"]:
+            out.append(("scan_no_read", tid, ""))
+    return sorted(out)
+
+
+def sorter_received(
+    events: Iterable[Mapping[str, Any]], *, types: Iterable[str] = SORTER_TYPES
+) -> list[tuple[str, str, str]]:
+    """The sorter events among ``events`` (each id once), in ``sorter_expected``'s form."""
+    out = []
+    seen: set[Any] = set()
+    wanted = set(types)
+    for e in events:
+        if e.get("type") not in wanted or e.get("id") in seen:
+            continue
+        seen.add(e.get("id"))
+        d = e.get("data") or {}
+        if e["type"] == "carton_sorted":
+            detail = f"{d.get('disposition')}@{d.get('lane')}"
+        elif e["type"] == "sort_exception":
+            detail = str(d.get("reason"))
+        else:
+            detail = ""
+        out.append((e["type"], str(d.get("tracking_id")), detail))
+    return sorted(out)

@@ -130,6 +130,13 @@ def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
         assert re.search(r"modbus devices\s+CONV1 online \(polls [1-9][\d,]*.*PTL1 online", out), out
         picks = re.search(r"pick/fault events\s+wms pick_confirmed ([\d,]+)", out)
         assert picks and int(picks.group(1).replace(",", "")) > 0, out[-4000:]
+        # The OPC UA sorter was online, its carton_sorted events reached the WMS, and they
+        # match the sorter's own ground truth.
+        sorter = re.search(r"sorter SORTER1\s+([\d,]+) cartons inducted, ([\d,]+) carton_sorted, "
+                           r"([\d,]+) sort_exception at wms \(online at stop\)", out)
+        assert sorter and int(sorter.group(2).replace(",", "")) > 0, out[-4000:]
+        assert re.search(r"SORTER1 online notifications [1-9]", out), out[-4000:]
+        assert re.search(r"sorter vs its plan\s+ok\s", out), out[-4000:]
         # Plain progress lines, not a live view, when stdout is not a terminal.
         assert re.search(r"^\[\s*[\d.]+s\] running\s+cartons \d+", out, re.MULTILINE), out
         assert "\x1b[" not in out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_site
+from simulators.ledger import sorter_expected, sorter_received
 from simulators.opcua_sorter import Disposition as D
 from simulators.opcua_sorter import SorterSim
 from simulators.procs import PROFILES
@@ -135,36 +136,6 @@ NO_READ_RULE = """
 """
 
 
-def expected(truth: list[dict]) -> list[tuple[str, str, str]]:
-    """What the WMS must get for the simulator's cartons: (type, tracking id, detail)."""
-    out = []
-    for c in truth:
-        tid, final = c["tracking_id"], c["final_disposition"]
-        if final in ("sorted", "no_read", "no_destination", "lane_full"):
-            out.append(("carton_sorted", tid, f"{final}@{c['final_lane']}"))
-        if final == "lost_mistrack":
-            out.append(("sort_exception", tid, "lost"))
-        if c["dispositions"].count("recirculated") >= 2:
-            out.append(("sort_exception", tid, "recirculated_too_often"))
-        if not c["read"]:
-            out.append(("scan_no_read", tid, ""))
-    return sorted(out)
-
-
-def received(events: list[dict]) -> list[tuple[str, str, str]]:
-    out = []
-    for e in events:
-        d = e["data"]
-        if e["type"] == "carton_sorted":
-            detail = f"{d['disposition']}@{d['lane']}"
-        elif e["type"] == "sort_exception":
-            detail = d["reason"]
-        else:
-            detail = ""
-        out.append((e["type"], d["tracking_id"], detail))
-    return sorted(out)
-
-
 async def test_a_seeded_sorting_run_gives_exactly_the_planned_events(tmp_path: Path):
     async with SorterSim(rate=15, seed=5, travel_secs=0.5, recirc_secs=0.3) as sim, \
             Receiver("wms") as wms:
@@ -186,12 +157,12 @@ async def test_a_seeded_sorting_run_gives_exactly_the_planned_events(tmp_path: P
             sim.pause()
             assert await wait_for(lambda: all(c["done"] for c in sim.ground_truth()), 20)
             truth = sim.ground_truth()
-            want = expected(truth)
+            want = sorter_expected(truth, scans=True)
             assert len(truth) >= 50 and any(t == "sort_exception" for t, _, _ in want)
-            assert await wait_for(lambda: received(wms.events) == want, 20), (
-                set(received(wms.events)) ^ set(want))
+            assert await wait_for(lambda: sorter_received(wms.events) == want, 20), (
+                set(sorter_received(wms.events)) ^ set(want))
             await asyncio.sleep(0.5)
-            assert received(wms.events) == want
+            assert sorter_received(wms.events) == want
             gaps = {c.name: c.status()["counter_gaps"] for c in agent.connectors}
             assert all(v == 0 for g in gaps.values() for v in g.values()), gaps
         finally:
@@ -229,9 +200,9 @@ async def test_server_restart_with_new_namespace_order_heals_without_duplicates(
             await asyncio.sleep(3.0)
             sim.pause()
             assert await wait_for(lambda: all(c["done"] for c in sim.ground_truth()), 20)
-            want = [w for w in expected(sim.ground_truth()) if w[0] != "scan_no_read"]
-            assert await wait_for(lambda: received(wms.events) == want, 20), (
-                set(received(wms.events)) ^ set(want))
+            want = sorter_expected(sim.ground_truth())
+            assert await wait_for(lambda: sorter_received(wms.events) == want, 20), (
+                set(sorter_received(wms.events)) ^ set(want))
             assert len({e["id"] for e in wms.events}) == len(wms.events) == len(want)
         finally:
             agent.stop()

@@ -1,0 +1,97 @@
+"""The OPC UA sorter (``simulators.opcua_sorter``) with an operator at its induct gate.
+
+Like ``python -m simulators.opcua_sorter``, but driven over stdin so a demo can start the
+sorter before the agent and send cartons only once the agent is subscribed, and stop the
+induct and wait for the belt to empty before reading the ground truth:
+
+    python -m simulators.sorter_operator --port 0 --rate 3 --seed 1 --ground-truth F [--wait-go]
+
+prints ``READY sorter endpoint=opc.tcp://127.0.0.1:N/ ns=2``; then reads commands, one a
+line: ``go`` opens the induct gate (with ``--wait-go`` it starts closed), ``pause`` closes
+it and prints ``DONE`` once every inducted carton reached its final disposition. SIGTERM
+(or SIGINT, or stdin closing) stops the server and writes the ground truth (JSON list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .opcua_sorter import SorterSim
+
+DONE_POLL_SECS = 0.05
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sim = SorterSim(
+        port=args.port, rate=args.rate, seed=args.seed, travel_secs=args.travel_secs,
+        ground_truth_path=args.ground_truth,
+    )
+    if args.wait_go:
+        sim.pause()
+    async with sim:
+        print(f"READY sorter endpoint={sim.endpoint} ns={sim.namespace_index}", flush=True)
+
+        async def done_when_empty() -> None:
+            while not all(c["done"] for c in sim.ground_truth()):
+                await asyncio.sleep(DONE_POLL_SECS)
+            print("DONE", flush=True)
+
+        waiter: asyncio.Task[None] | None = None
+
+        def command(line: str) -> None:
+            nonlocal waiter
+            cmd = line.strip()
+            if not line:  # stdin closed
+                stop.set()
+            elif cmd == "go":
+                sim.resume()
+            elif cmd == "pause":
+                sim.pause()
+                if waiter is None or waiter.done():
+                    waiter = asyncio.create_task(done_when_empty())
+
+        def read_stdin() -> None:  # a daemon thread: a blocked readline never holds up exit
+            while True:
+                line = sys.stdin.readline()
+                loop.call_soon_threadsafe(command, line)
+                if not line:
+                    return
+
+        threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+        await stop.wait()
+        if waiter is not None:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulators.sorter_operator",
+                                description="OPC UA sorter with an operator at the induct.")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--rate", type=float, default=3.0, help="cartons per second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--travel-secs", type=float, default=1.0, help="induct to divert")
+    p.add_argument("--ground-truth", type=Path, help="write every carton here as JSON on exit")
+    p.add_argument("--wait-go", action="store_true", help="keep the induct closed until `go`")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
