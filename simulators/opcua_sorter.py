@@ -320,6 +320,7 @@ class SorterSim:
         security: Security = "none",
         users: Mapping[str, str] | None = None,
         user_certificates: Sequence[Path] = (),
+        secure_policies: Sequence[str] = ("Basic256Sha256_SignAndEncrypt",),
         cert_dir: Path | str | None = None,
         ground_truth_path: Path | str | None = None,
         tracking_prefix: str = "S",
@@ -355,6 +356,8 @@ class SorterSim:
         self.security: Security = security
         self.users = dict(users or {})
         self.user_certificates = [Path(p).read_bytes() for p in user_certificates]
+        # With security "sign_encrypt": the ua.SecurityPolicyType names offered (policy_mode).
+        self.secure_policies = [getattr(ua.SecurityPolicyType, p) for p in secure_policies]
         self._cert_dir = Path(cert_dir) if cert_dir is not None else None
         self._tmp_cert_dir: Path | None = None
         self.ground_truth_path = Path(ground_truth_path) if ground_truth_path else None
@@ -535,7 +538,7 @@ class SorterSim:
                 generate_certificate(cert, key, app_uri=APPLICATION_URI, common_name="ACME Sorter")
             await server.load_certificate(str(cert))
             await server.load_private_key(str(key))
-            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            server.set_security_policy(self.secure_policies)
         else:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         # With users, anonymous sessions are refused; without, nobody needs a password.

@@ -195,3 +195,43 @@ async def test_certificate_user_token_accepted_when_trusted_refused_when_not(tmp
         async with running(refused):
             assert await until(lambda: refused.health.last_error is not None, 15)
             assert "BadUserAccessDenied" in refused.health.last_error
+
+
+POLICY_MODES = [(p, m) for p in ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
+                for m in ("Sign", "SignAndEncrypt")]
+SERVER_NAMES = {"Basic256Sha256": "Basic256Sha256", "Aes128_Sha256_RsaOaep": "Aes128Sha256RsaOaep",
+                "Aes256_Sha256_RsaPss": "Aes256Sha256RsaPss"}
+
+
+async def test_every_security_policy_and_mode_streams(tmp_path):
+    offered = [f"{SERVER_NAMES[p]}_{m}" for p, m in POLICY_MODES]
+    async with SorterSim(rate=0, travel_secs=0.2, security="sign_encrypt",
+                         cert_dir=tmp_path / "srv", secure_policies=offered) as sim:
+        for i, (policy, mode) in enumerate(POLICY_MODES):
+            conn = OpcuaConnection(
+                kind="opcua", endpoint=sim.endpoint, timeout_secs=4, keepalive_secs=1,
+                security_policy=policy, security_mode=mode, certificate_dir=tmp_path / "pki",
+                server_certificate=sim.server_certificate_path,
+            )
+            prof = load_profile(PROFILE)
+            assert isinstance(prof, OpcuaProfile)
+            c = OpcuaConnector("SORTER1", conn, prof, SystemClock())
+            async with running(c) as ing:
+                online = await until(lambda c=c: c.health.state == "online", 20)
+                assert online, (policy, mode, c.health.last_error)
+                await asyncio.sleep(0.3)
+                await sim.induct(f"S{i:07d}", f"C{i:07d}", lane=2)
+                assert await until(lambda ing=ing: len(diverts(ing)) == 1), (policy, mode)
+
+
+async def test_a_server_certificate_other_than_the_trusted_file_is_refused(tmp_path):
+    from simulators.opcua_sorter import generate_certificate
+
+    other, other_key = tmp_path / "other.der", tmp_path / "other.pem"
+    generate_certificate(other, other_key, app_uri="urn:someone:else", common_name="else")
+    async with SorterSim(rate=0, security="sign_encrypt", cert_dir=tmp_path / "srv") as sim:
+        c = secure_connector(sim, tmp_path / "pki", server_certificate=other)
+        async with running(c):
+            assert await until(lambda: c.health.last_error is not None, 15)
+            assert "refused the server certificate" in c.health.last_error
+            assert "it is not the trusted" in c.health.last_error
