@@ -185,10 +185,11 @@ async def test_device_restart_reconnects_within_10_s():
             assert await until(lambda: c.health.state == "offline", 5)
             r0 = c.health.restarts
             await asyncio.sleep(3.0)
-            # No busy loop while it is down: reconnects back off (0.2 s doubling to 1 s here).
+            # No busy loop while it is down: reconnects back off (full jitter up to 0.2 s
+            # doubling to 1 s here: about 6 to 12 tries in 3 s; a busy loop makes hundreds).
             attempts = c.health.restarts - r0
             assert attempts >= 1, "it keeps trying"
-            assert attempts <= 8, attempts
+            assert attempts <= 20, attempts
             await sim.start()
             t0 = time.monotonic()
             assert await until(lambda: c.health.state == "online", 10)
