@@ -8,7 +8,6 @@ dispatchers get a bounded drain period, then sinks and the outbox close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -30,6 +29,7 @@ from .config import (
 from .connectors.modbus import ModbusConnector
 from .connectors.mqtt import MqttConnector
 from .connectors.opcua import OpcuaConnector
+from .errors import RetriableError, StoreError
 from .events import iso_time
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
@@ -230,8 +230,11 @@ class Agent:
                 c.link.pause_reading()
         # Commit and acknowledge what was read, while the links are still up.
         if not commit_task.done():
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self.committer.flush(), 10)
+            except (TimeoutError, StoreError) as exc:
+                # Not acknowledged: the broker redelivers these messages after a restart.
+                log.error("last commit at shutdown failed: %r", exc)
         for c in self.connectors:
             await c.stop()
         await _cancel(conn_tasks)
@@ -244,15 +247,19 @@ class Agent:
         await asyncio.wait(dispatch_tasks, timeout=5)
         await _cancel(dispatch_tasks)
         self.committer.close()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(commit_task, 10)
+        except (TimeoutError, StoreError) as exc:
+            log.error("outbox did not commit its last batch at shutdown: %r", exc)
         await _cancel([commit_task])
         if self.status_file:
             self._write_status()
         await _cancel(self.tasks)
         for sink in self.sinks.values():
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(sink.close(), 5)
+            except (TimeoutError, OSError, RetriableError) as exc:
+                log.warning("sink %s did not close cleanly: %r", sink.name, exc)
         self.committer.shutdown_executor()
         self.store.close()
         log.info("stopped")
@@ -372,5 +379,9 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
     for t in tasks:
         t.cancel()
     for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        try:
             await t
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a task that had failed: say so, shutdown goes on
+            log.exception("task %s failed", t.get_name())

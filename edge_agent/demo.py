@@ -63,7 +63,7 @@ from simulators.broker import (
 )
 from simulators.bus_recorder import BusRecorder
 from simulators.ledger import Ledger, reconcile, sorter_expected, sorter_received
-from simulators.procs import PROFILES, ROOT, AgentProc, LineProc, ReceiverProc
+from simulators.procs import ROOT, AgentProc, LineProc, ReceiverProc, site_text
 
 from .config import HttpSinkConfig, MqttSinkConfig, load_site
 from .errors import ConfigError
@@ -578,23 +578,11 @@ def write_demo_site(
 
     With `checkweigher_port`, the station's checkweigher is the Modbus CW2 listening there.
     """
-    text = SITE_FILE.read_text()
-    subs = {
-        "port: 1883": f"port: {broker_port}",
-        "http://127.0.0.1:8081/events": wms_url,
-        "http://127.0.0.1:8082/events": erp_url,
-        "profiles_dir: ../../device_profiles": f"profiles_dir: {PROFILES}",
-        'protocol: "5"': f'protocol: "{protocol}"',
-        **{f"port: {MODBUS_PORTS[d]}": f"port: {p}" for d, p in modbus_ports.items()},
-    }
+    replace = {f"port: {MODBUS_PORTS[d]}": f"port: {p}" for d, p in modbus_ports.items()}
     if sorter_endpoint is not None:
-        subs[SORTER_ENDPOINT] = sorter_endpoint
-    for old in subs:
-        if len(re.findall(re.escape(old) + r"(?!\w)", text)) != 1:
-            raise ValueError(f"{SITE_FILE.name} has no single {old!r} to replace")
-    # All at once, so a new port never matches an old one ("port: 18830").
-    pattern = re.compile("|".join(re.escape(old) + r"(?!\w)" for old in subs))
-    text = pattern.sub(lambda m: subs[m.group(0)], text)
+        replace[SORTER_ENDPOINT] = sorter_endpoint
+    text = site_text(SITE_FILE, broker_port=broker_port, wms_url=wms_url, erp_url=erp_url,
+                     protocol=protocol, replace=replace)
     if checkweigher_port is not None:
         text = _modbus_checkweigher(text, checkweigher_port)
     path = workdir / "site.yaml"

@@ -710,6 +710,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="publish until SIGINT/SIGTERM; ground truth appended as JSON lines",
     )
     p.add_argument("--rate", type=float, default=200.0, help="cartons per second")
+    add_plan_arguments(p)
+    p.add_argument("--cw-id", default="CW1")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    p.add_argument("--client-id", default=None)
+    p.add_argument("--ack-timeout-secs", type=float, default=30.0)
+    p.add_argument("--ground-truth", default=None, help="path of the ground-truth file")
+    return p.parse_args(argv)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """The carton plan's options, shared by every line simulator's command line."""
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--noread-frac", type=float, default=0.02)
     p.add_argument("--missing-weight-frac", type=float, default=0.02)
@@ -720,12 +731,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-index", type=int, default=0)
     p.add_argument("--base", default="site/close1", help="topic prefix")
     p.add_argument("--scanner-id", default="SCN1")
-    p.add_argument("--cw-id", default="CW1")
-    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
-    p.add_argument("--client-id", default=None)
-    p.add_argument("--ack-timeout-secs", type=float, default=30.0)
-    p.add_argument("--ground-truth", default=None, help="path of the ground-truth file")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from .carton_line import run_line
+from .carton_line import add_plan_arguments, run_line
 from .modbus_devices import CheckweigherSim
 
 log = logging.getLogger("simulators.modbus_line")
@@ -146,16 +146,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="run until SIGINT/SIGTERM; ground truth appended as JSON lines")
     p.add_argument("--rate", type=float, default=MAX_RATE_PER_S,
                    help=f"cartons per second (at most {MAX_RATE_PER_S:g})")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--noread-frac", type=float, default=0.02)
-    p.add_argument("--missing-weight-frac", type=float, default=0.02)
-    p.add_argument("--missing-scan-frac", type=float, default=0.01)
-    p.add_argument("--dup-frac", type=float, default=0.05)
-    p.add_argument("--reorder-frac", type=float, default=0.05)
-    p.add_argument("--station", default="CLOSE1")
-    p.add_argument("--start-index", type=int, default=0)
-    p.add_argument("--base", default="site/close1", help="topic prefix")
-    p.add_argument("--scanner-id", default="SCN1")
+    add_plan_arguments(p)
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     p.add_argument("--client-id", default=None)
     p.add_argument("--ack-timeout-secs", type=float, default=30.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,36 @@ class ReceiverProc:
             self.http.close()
 
 
+def site_text(
+    source: Path,
+    *,
+    broker_port: int,
+    wms_url: str,
+    erp_url: str,
+    protocol: str = "5",
+    replace: dict[str, str] | None = None,
+) -> str:
+    """A shipped site file's text, pointed at this run's broker, receivers and profiles.
+
+    Every value to replace must stand exactly once; all are replaced in one pass, so a new
+    value (``port: 18830``) can never be matched again by an old one (``port: 1883``).
+    """
+    text = source.read_text()
+    subs = {
+        "port: 1883": f"port: {broker_port}",
+        "http://127.0.0.1:8081/events": wms_url,
+        "http://127.0.0.1:8082/events": erp_url,
+        "profiles_dir: ../../device_profiles": f"profiles_dir: {PROFILES}",
+        'protocol: "5"': f'protocol: "{protocol}"',
+        **(replace or {}),
+    }
+    for old in subs:
+        if len(re.findall(re.escape(old) + r"(?!\w)", text)) != 1:
+            raise ValueError(f"{source.name} has no single {old!r} to replace")
+    pattern = re.compile("|".join(re.escape(old) + r"(?!\w)" for old in subs))
+    return pattern.sub(lambda m: subs[m.group(0)], text)
+
+
 def write_site(
     workdir: Path,
     *,
@@ -95,19 +126,8 @@ def write_site(
     replace: dict[str, str] | None = None,
 ) -> Path:
     """The example site file, pointed at this run's broker, receivers and work directory."""
-    text = EXAMPLE_SITE.read_text()
-    subs = {
-        "port: 1883": f"port: {broker_port}",
-        "http://127.0.0.1:8081/events": wms_url,
-        "http://127.0.0.1:8082/events": erp_url,
-        "profiles_dir: ../../device_profiles": f"profiles_dir: {PROFILES}",
-        'protocol: "5"': f'protocol: "{protocol}"',
-        **(replace or {}),
-    }
-    for old, new in subs.items():
-        if old not in text:
-            raise ValueError(f"example site has no {old!r} to replace")
-        text = text.replace(old, new)
+    text = site_text(EXAMPLE_SITE, broker_port=broker_port, wms_url=wms_url, erp_url=erp_url,
+                     protocol=protocol, replace=replace)
     path = workdir / "site.yaml"
     path.write_text(text + extra)
     return path

@@ -75,6 +75,7 @@ class Committer:
         self._listeners: list[asyncio.Event] = []
         self.next_seq = store.max_seq() + 1
         self.flushing = False  # a commit is in flight (its batch is already sealed)
+        self._flush_lock = asyncio.Lock()  # one commit at a time, whoever asks (shutdown too)
         self.feeds: dict[str, Feed] = {}
         self._closing = False
         self.commits = 0
@@ -120,6 +121,10 @@ class Committer:
             await self.flush()
 
     async def flush(self) -> None:
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         b, self.batch = self.batch, Batch()
         if not b and not b.acks:
             return
