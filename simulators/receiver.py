@@ -2,9 +2,10 @@
 
 Owns two listeners. The events port takes `POST /events` with one CloudEvent
 (`application/cloudevents+json`) or a batch (`application/cloudevents-batch+json`),
-deduplicates by event id and records each unique event once, in arrival order. The control
-port stays up whatever the events port does, so a test can make the events port refuse
-connections and bring it back:
+deduplicates by event id as a real WMS would (`events`: each unique event once, in arrival
+order) and also keeps every repeat of an id (`redelivered`), so a ledger sees every
+delivery. The control port stays up whatever the events port does, so a test can make the
+events port refuse connections and bring it back:
 
     POST /_control  {"mode": "ok"}               healthy: clears every failure setting
                     {"mode": "refuse"}           close the events listener (ECONNREFUSED)
@@ -14,8 +15,9 @@ connections and bring it back:
                     {"delay_ms": 500}
                     {"fail_next": 3, "status": 503}
     GET  /_control  the current failure settings
-    GET  /_received {"events": [...], "duplicates": n, "requests": n, "statuses": {...}}
-    GET  /_stats    the same without "events"
+    GET  /_received {"events": [...], "redelivered": [...], "duplicates": n, "requests": n,
+                     "statuses": {...}}
+    GET  /_stats    the same without "events" and "redelivered"
     POST /_reset    forget received events and counters (failure settings are kept)
 
 Keys combine in one request; `mode` is applied first. Unknown keys are a 400, so a typo in a
@@ -73,6 +75,16 @@ class Failures:
         return out
 
 
+def merge_deliveries(
+    events: list[dict[str, Any]], redelivered: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The unique events and the repeats as one list in arrival order (by `_arrival`, the
+    receiver's count of deliveries)."""
+    if not redelivered:
+        return list(events)
+    return sorted([*events, *redelivered], key=lambda e: e.get("_arrival", 0))
+
+
 class ControlError(ValueError):
     """A control request that cannot be applied; the message lists every problem."""
 
@@ -128,7 +140,9 @@ class Receiver:
     """A WMS or ERP stand-in; start it in the running event loop.
 
     `events` is the live list of unique envelopes in arrival order, each with
-    `_received_at` (time.time()). Not thread-safe: use it from the loop that started it.
+    `_received_at` (time.time()) and `_arrival` (1, 2, ... over every delivery); `redelivered` the repeats of an id already received, in
+    arrival order; `deliveries` both, in arrival order (what a ledger is given). Not
+    thread-safe: use it from the loop that started it.
     """
 
     def __init__(
@@ -140,6 +154,8 @@ class Receiver:
         self._control_port = control_port
         self.failures = Failures()
         self.events: list[dict[str, Any]] = []
+        self.redelivered: list[dict[str, Any]] = []
+        self._arrivals = 0
         self._seen: set[str] = set()
         self.duplicates = 0
         self.requests = 0
@@ -222,8 +238,14 @@ class Receiver:
             "idempotency_key_errors": self.idempotency_key_errors,
         }
 
+    @property
+    def deliveries(self) -> list[dict[str, Any]]:
+        """Every accepted delivery in arrival order, repeats of an id included."""
+        return merge_deliveries(self.events, self.redelivered)
+
     def reset(self) -> None:
         self.events = []
+        self.redelivered = []
         self._seen.clear()
         self.duplicates = self.requests = self.idempotency_key_errors = 0
         self.statuses.clear()
@@ -303,11 +325,14 @@ class Receiver:
         now = time.time()
         accepted = 0
         for envelope in envelopes:
+            self._arrivals += 1
+            envelope["_received_at"] = now
+            envelope["_arrival"] = self._arrivals
             if envelope["id"] in self._seen:
                 self.duplicates += 1
+                self.redelivered.append(envelope)
                 continue
             self._seen.add(envelope["id"])
-            envelope["_received_at"] = now
             self.events.append(envelope)
             accepted += 1
         return _json_response({"accepted": accepted, "duplicates": len(envelopes) - accepted})
@@ -353,7 +378,9 @@ class Receiver:
         return _json_response(self.failures.to_json())
 
     async def _handle_received(self, _request: web.Request) -> web.Response:
-        return _json_response({"events": self.events, **self.stats()})
+        return _json_response(
+            {"events": self.events, "redelivered": self.redelivered, **self.stats()}
+        )
 
     async def _handle_stats(self, _request: web.Request) -> web.Response:
         return _json_response(self.stats())

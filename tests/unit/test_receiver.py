@@ -16,7 +16,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from simulators.receiver import BATCH, SINGLE, ControlError, Receiver
+from simulators.receiver import BATCH, SINGLE, ControlError, Receiver, merge_deliveries
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,6 +86,9 @@ async def test_duplicate_single_gets_200_and_is_recorded_once(receiver, http):
     assert len(receiver.events) == 1
     assert receiver.duplicates == 1
     assert receiver.requests == 2
+    # The repeat is kept for the ledger: at least once may deliver an id twice.
+    assert [e["id"] for e in receiver.redelivered] == ["e1"]
+    assert [e["id"] for e in receiver.deliveries] == ["e1", "e1"]
 
 
 @pytest.mark.asyncio
@@ -99,6 +102,7 @@ async def test_batch_dedups_per_event_id_not_per_batch_key(receiver, http):
     assert resp.json()["accepted"] == 1
     assert [e["id"] for e in receiver.events] == ["a", "b", "c", "d"]
     assert receiver.duplicates == 2
+    assert [e["id"] for e in receiver.deliveries] == ["a", "a", "b", "c", "b", "d"]
 
 
 @pytest.mark.asyncio
@@ -217,17 +221,20 @@ async def test_received_stats_and_reset_over_http(receiver, http):
     received = (await http.get(f"{base}/_received")).json()
     assert [e["id"] for e in received["events"]] == ["a", "b"]
     assert all("_received_at" in e for e in received["events"])
+    assert [e["id"] for e in received["redelivered"]] == ["a"]
+    assert [e["id"] for e in merge_deliveries(received["events"], received["redelivered"])] == [
+        "a", "b", "a"]
     assert received["duplicates"] == 1
     assert received["requests"] == 2
     assert received["statuses"] == {"200": 2}
     stats = (await http.get(f"{base}/_stats")).json()
-    assert "events" not in stats
+    assert "events" not in stats and "redelivered" not in stats
     assert stats["unique"] == 2
     assert stats["duplicates"] == 1
 
     await control(http, receiver, {"delay_ms": 1})
     assert (await http.post(f"{base}/_reset")).json()["requests"] == 0
-    assert receiver.events == []
+    assert receiver.events == [] and receiver.redelivered == []
     assert receiver.failures.delay_ms == 1  # reset keeps failure settings
     assert (await post_one(http, receiver, event("a"))).json()["accepted"] == 1
 
