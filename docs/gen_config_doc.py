@@ -50,6 +50,7 @@ SITE_SECTIONS: list[Section] = [
     ("Sinks: `kind: mqtt`", "`sinks.<name>` with `kind: mqtt`", c.MqttSinkConfig, "mqtt sink"),
     ("Sink retry", "`sinks.<name>.retry`", c.RetryConfig, "retry"),
     ("Outbox", "`outbox`", c.OutboxConfig, "outbox"),
+    ("Event time", "`time`", c.TimeConfig, "time config"),
     ("Logging", "`log`", c.LogConfig, "log"),
 ]
 PROFILE_SECTIONS: list[Section] = [

@@ -39,6 +39,7 @@ from .profiles_modbus import ModbusProfile
 from .profiles_opcua import OpcuaProfile
 from .rules import build_rule
 from .rules.engine import Engine
+from .rules.sources import Sources
 from .runtime.clock import Clock, SystemClock
 from .runtime.supervisor import Health, supervise
 from .sinks.base import Sink
@@ -103,8 +104,14 @@ class Agent:
             self.store, self._routes(), interval_ms=ob.commit_interval_ms, max_items=ob.commit_max_items
         )
         rules = [build_rule(r, site=site.site) for r in site.rules]
+        tc = site.time
+        sources = Sources(
+            idle_secs=tc.idle_source_secs, hold_offline_secs=tc.hold_offline_secs,
+            skew_tolerance_secs=tc.clock_skew_tolerance_secs, hole_margin_secs=tc.gap_margin_secs,
+        )
         self.engine = Engine(
-            rules, self.committer, self.clock, site=site.site, dedup_retention_secs=ob.dedup_retention_secs
+            rules, self.committer, self.clock, site=site.site,
+            dedup_retention_secs=ob.dedup_retention_secs, sources=sources,
         )
         self.engine.restore(
             self.store.load_rule_state(), self.store.load_inputs(self.clock.now() - ob.dedup_retention_secs)
@@ -152,6 +159,28 @@ class Agent:
                     client_id=f"{self._client_id(broker)}-in",
                 )
             )
+        for c in self.connectors:
+            self._watch_coverage(c)
+
+    def _watch_coverage(self, c: MqttConnector | ModbusConnector | OpcuaConnector) -> None:
+        """Tell the engine when a connector's devices can and cannot be seen."""
+        engine = self.engine
+        assert engine is not None
+        if isinstance(c, MqttConnector):
+            devices = list(c.devices)
+            for d in devices:
+                engine.sources.add(d, buffered=c.buffered[d])
+        else:
+            devices = [c.device]
+            kinds = {e.trigger.kind for e in c.profile.events.values()}
+            # Counters report what was missed; a handshake holds its data until acknowledged.
+            engine.sources.add(c.device, lossless_reconnect=kinds <= {"counter", "handshake"})
+
+        def changed(state: str) -> None:
+            online = state in ("online", "degraded")
+            engine.source_online(devices, online, resumed=getattr(c, "resumed", False))
+
+        c.health.on_change = changed
 
     def _broker(self, name: str) -> BrokerConfig:
         """The broker's config with file paths resolved against the site file's directory."""
@@ -282,6 +311,8 @@ class Agent:
             over = size > quota
             if over != self.ingest_paused:
                 self.ingest_paused = over
+                assert self.engine is not None
+                self.engine.paused = over
                 for c in self.connectors:
                     if isinstance(c, MqttConnector) and c.link is not None:
                         (c.link.pause_reading if over else c.link.resume_reading)()

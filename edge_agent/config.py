@@ -386,6 +386,30 @@ class OutboxConfig(Model):
     )
 
 
+class TimeConfig(Model):
+    idle_source_secs: float = Field(
+        2.0, gt=0, le=3600,
+        description="A connected device not heard from for this long no longer holds back "
+        "the rules' event time (a quiet line still closes its windows).",
+    )
+    hold_offline_secs: float = Field(
+        30.0, ge=0, le=86400,
+        description="How long a device that went offline holds back the rules' event time "
+        "(it may come back with what it has); then what it would have sent is a gap. "
+        "Devices whose messages wait at the broker (MQTT QoS 1) hold it back until they return.",
+    )
+    clock_skew_tolerance_secs: float = Field(
+        1.0, gt=0, le=3600,
+        description="A device clock further off the agent's than this is reported, and its "
+        "times are corrected by the estimated offset for windowing.",
+    )
+    gap_margin_secs: float = Field(
+        1.0, ge=0, le=3600,
+        description="Margin around a time a device was not seen (connect, outage, counter "
+        "gap) within which a missing input is reported as a gap, not an exception.",
+    )
+
+
 class LogConfig(Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
@@ -400,6 +424,9 @@ class SiteConfig(Model):
     rules: list[RuleConfig] = Field(default_factory=list, description="Business rules.")
     sinks: dict[Name, SinkConfig] = Field(description="Destinations by name.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox.")
+    time: TimeConfig = Field(
+        default_factory=TimeConfig, description="Event time: device clocks, quiet and offline devices."
+    )
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
 
     @model_validator(mode="after")

@@ -63,6 +63,8 @@ class MqttConnector:
         self.ingest: Ingest | None = None
         self.received = 0
         self.health = Health()
+        self.resumed = False  # the broker kept the session: nothing sent meanwhile was lost
+        self.buffered = {d: devices[d].connection.qos > 0 for d in devices}  # type: ignore[union-attr]
         self._internal_errors = 0
         self.stopping = False
 
@@ -77,6 +79,7 @@ class MqttConnector:
             if not link.session_present:
                 log.info("MQTT %s: new session on %s:%s", self.name, self.broker.host, self.broker.port)
             await link.subscribe(sorted(self.qos.items()))
+            self.resumed = bool(link.session_present)
             if self.health.restarts:
                 log.info("MQTT %s: back online, subscribed to %d topics", self.name, len(self.qos))
             self.health.set("online")

@@ -75,6 +75,7 @@ class Committer:
         self._listeners: list[asyncio.Event] = []
         self.next_seq = store.max_seq() + 1
         self.flushing = False  # a commit is in flight (its batch is already sealed)
+        self.flush_started = 0.0  # monotonic time the commit in flight started
         self._flush_lock = asyncio.Lock()  # one commit at a time, whoever asks (shutdown too)
         self.feeds: dict[str, Feed] = {}
         self._closing = False
@@ -99,6 +100,10 @@ class Committer:
         if sink not in self.feeds:
             self.feeds[sink] = Feed(self.next_seq - 1)
         return self.feeds[sink]
+
+    def stalled_secs(self) -> float:
+        """How long the commit in flight has taken so far (0: none in flight)."""
+        return time.monotonic() - self.flush_started if self.flushing else 0.0
 
     def changed(self) -> None:
         """Something was added to ``self.batch``: make sure a flush follows soon."""
@@ -133,6 +138,7 @@ class Committer:
         sealed = b.seal(self.routes, time.time(), first)
         self.next_seq += len(b.events)
         self.flushing = True
+        self.flush_started = time.monotonic()
         try:
             all_new = await self.run_db(self.store.commit, sealed)
         except StoreError as exc:

@@ -28,6 +28,9 @@ class Output(Protocol):
 
 class Rule(Protocol):
     name: str
+    lateness: float  # how far behind the inputs' progress the watermark stays
+    watermark: float
+    driven: bool  # set by the engine: it calls advance(); standing alone a rule advances itself
 
     def inputs(self) -> list[tuple[str, str, str]]:
         """(device id, profile event name, input name) triples this rule consumes."""
@@ -36,7 +39,12 @@ class Rule(Protocol):
     def on_event(self, ev: DeviceEvent, input_name: str, out: Output) -> None: ...
 
     def on_tick(self, now: float, out: Output) -> None:
-        """Called periodically with the wall-clock time: expire windows."""
+        """Called periodically with the wall-clock time: housekeeping only (persisting the
+        watermark); never decides on the wall clock that something did not happen."""
+        ...
+
+    def advance(self, watermark: float, out: Output) -> None:
+        """Event time has surely reached ``watermark`` for every input: close what ended."""
         ...
 
     def load_state(self, items: Mapping[str, Any]) -> None:

@@ -3,7 +3,9 @@ within a window (e.g. a carton recirculated too often on a sorter).
 
 Per key it keeps the first event's time and the ids of the events counted (at most
 ``threshold``), persisted with every group commit; it emits once per window, with an id made
-of the counted messages' ids, so a replay gives the same event.
+of the counted messages' ids, so a replay gives the same event. Keys expire on event time
+(the watermark the engine drives, or the latest device time seen when standing alone),
+never on the agent's clock, so a live run and a replay of the same inputs agree.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from ..config import CountRule
 from ..events import BusinessEvent, DeviceEvent, event_id
 from .base import Output, input_triples
 from .correlate import _condition, _Emit, _subject
+
+LATENESS_SECS = 1.0  # how long after its window a key waits for events out of order
 
 
 class Count:
@@ -29,6 +33,10 @@ class Count:
         self.emit_spec = _Emit(cfg.emit)
         self.window = cfg.window_secs
         self.state: dict[str, dict[str, Any]] = {}  # key -> {"t0", "ids", "emitted"}
+        self.lateness = LATENESS_SECS
+        self.watermark = float("-inf")
+        self.max_time = float("-inf")
+        self.driven = False  # the engine calls advance(); else on_event advances on its own
 
     def inputs(self) -> list[tuple[str, str, str]]:
         return input_triples(self.cfg.inputs)
@@ -40,7 +48,14 @@ class Count:
         self.state = {k: dict(v) for k, v in items.items()}
 
     def on_tick(self, now: float, out: Output) -> None:
-        for key in [k for k, s in self.state.items() if now - s["t0"] > self.window]:
+        """Nothing: keys expire on event time (``advance``)."""
+
+    def advance(self, watermark: float, out: Output) -> None:
+        if watermark <= self.watermark:
+            return
+        self.watermark = watermark
+        horizon = watermark - self.window
+        for key in [k for k, s in self.state.items() if s["t0"] < horizon]:
             del self.state[key]
             out.state_changed(self.name, key, None)
 
@@ -51,6 +66,10 @@ class Count:
         if key is None or key == "":
             return
         key = str(key)
+        if ev.time > self.max_time:
+            self.max_time = ev.time
+            if not self.driven:
+                self.advance(ev.time - self.lateness, out)
         s = self.state.get(key)
         if s is None or ev.time - s["t0"] > self.window:
             s = self.state[key] = {"t0": ev.time, "ids": [], "emitted": False}

@@ -3,7 +3,12 @@
 Runs on the event loop, synchronously inside the connector's message callback: one device
 message is decoded, deduplicated, applied to every rule that consumes it, and its effects
 (business events, rule state, its own id, its ack) join the current group-commit batch. No
-task is created per message. ``tick()`` runs from one periodic task and expires windows.
+task is created per message.
+
+Time: each message's event time goes through ``Sources`` (per device clock and coverage),
+and the engine drives every rule's watermark from its inputs' progress after each message
+and on ``tick()`` (a quiet line). The agent tells the engine when a device's connection
+comes and goes (``source_online``) and when it is behind (``stall``).
 
 Connectors see only the ``Ingest`` protocol: ``device_event`` and ``bad_payload``.
 """
@@ -11,6 +16,7 @@ Connectors see only the ``Ingest`` protocol: ``device_event`` and ``bad_payload`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections import OrderedDict
@@ -22,11 +28,13 @@ from ..outbox.batch import Quarantined
 from ..outbox.committer import Committer
 from ..runtime.clock import Clock
 from .base import Rule
+from .sources import Sources
 
 log = logging.getLogger(__name__)
 
 Ack = Callable[[], None] | None
 QUARANTINE_MAX_BYTES = 65_536  # what is kept of a bad payload
+STALL_SECS = 1.0  # a tick this late, or a commit this long, means the agent is behind
 
 
 class Ingest(Protocol):
@@ -49,15 +57,27 @@ class Engine:
         site: str,
         dedup_retention_secs: float = 900,
         dedup_max_ids: int = 2_000_000,
+        sources: Sources | None = None,
     ):
         self.rules = list(rules)
+        self.sources = sources or Sources()
         self.committer = committer
         self.clock = clock
         self.site = site
         self.routes: dict[tuple[str, str], list[tuple[Rule, str]]] = {}
+        self.rule_devices: dict[str, tuple[str, ...]] = {}
         for rule in self.rules:
+            devices: set[str] = set()
             for device, event, input_name in rule.inputs():
                 self.routes.setdefault((device, event), []).append((rule, input_name))
+                devices.add(device)
+            self.rule_devices[rule.name] = tuple(sorted(devices))
+            rule.driven = True
+            if hasattr(rule, "sources"):
+                rule.sources = self.sources
+        self._last_tick = clock.monotonic()
+        self._next_prune = 0.0
+        self.paused = False  # ingest paused (outbox over quota): messages wait upstream
         self.seen: OrderedDict[str, float] = OrderedDict()
         self.dedup_retention = dedup_retention_secs
         self.dedup_max = dedup_max_ids
@@ -98,15 +118,25 @@ class Engine:
         if not targets:
             self.counters["unrouted"] += 1
             return
+        t = self.sources.observe(ev.device, ev.time, ev.received_at)
+        if t != ev.time:
+            ev = dataclasses.replace(ev, time=t)  # a copy: the connector's event is its own
         n = len(batch.events)
+        wm_of = self.sources.watermark
+        now = ev.received_at
         for rule, input_name in targets:
             rule.on_event(ev, input_name, batch)
+            wm = wm_of(self.rule_devices[rule.name], now) - rule.lateness
+            if wm > rule.watermark:
+                rule.advance(wm, batch)
         if len(batch.events) > n:
             self._finish(batch.events, n)
 
     def bad_payload(
         self, device: str, source: str, reason: str, detail: str, payload: bytes, ack: Ack
     ) -> None:
+        if reason == "counter_gap":
+            self.sources.gap(device, self.clock.now())  # events missed: what is missing is unseen
         k = (device, reason)
         n = self.bad.get(k, 0)
         self.bad[k] = n + 1
@@ -125,11 +155,31 @@ class Engine:
 
     # --- time ------------------------------------------------------------------------------
 
+    def source_online(self, devices: Iterable[str], online: bool, *, resumed: bool = False) -> None:
+        """A connection came up or went down (``resumed``: nothing sent meanwhile was lost)."""
+        now = self.clock.now()
+        for d in devices:
+            self.sources.set_online(d, online, now, resumed=resumed)
+
+    def stall(self) -> None:
+        """The agent is behind (ingest paused, a slow commit): quiet time is not quiet."""
+        self.sources.stall(self.clock.now())
+
     def tick(self) -> None:
         now = self.clock.now()
+        mono = self.clock.monotonic()
+        if mono - self._last_tick > STALL_SECS:
+            self.sources.stall(now)  # the loop was blocked: messages may be waiting unread
+        self._last_tick = mono
+        if self.paused or self.committer.stalled_secs() > STALL_SECS:
+            self.sources.stall(now)
         batch = self.committer.batch
         n = len(batch.events)
+        wm_of = self.sources.watermark
         for rule in self.rules:
+            wm = wm_of(self.rule_devices[rule.name], now) - rule.lateness
+            if wm > rule.watermark:
+                rule.advance(wm, batch)
             rule.on_tick(now, batch)
         if len(batch.events) > n:
             self._finish(batch.events, n)
@@ -156,3 +206,6 @@ class Engine:
         seen, horizon = self.seen, now - self.dedup_retention
         while seen and (len(seen) > self.dedup_max or next(iter(seen.values())) < horizon):
             seen.popitem(last=False)
+        if now >= self._next_prune:
+            self._next_prune = now + 60
+            self.sources.prune(now - 86400)

@@ -28,6 +28,9 @@ class Map:
         self.when = _condition(cfg.when) if cfg.when else None
         self.emit_spec = _Emit(cfg.emit)
         self.counters = {"filtered": 0}
+        self.lateness = 0.0
+        self.watermark = float("-inf")
+        self.driven = False
 
     def inputs(self) -> list[tuple[str, str, str]]:
         return input_triples(self.cfg.inputs)
@@ -40,6 +43,9 @@ class Map:
 
     def on_tick(self, now: float, out: Output) -> None:
         """Nothing expires."""
+
+    def advance(self, watermark: float, out: Output) -> None:
+        """Nothing waits for time."""
 
     def on_event(self, ev: DeviceEvent, input_name: str, out: Output) -> None:
         if self.when is not None and not self.when(ev):

@@ -28,11 +28,14 @@ class Health:
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     restarts: int = 0
+    on_change: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def set(self, state: str, error: str | None = None) -> None:
         if state != self.state:
             self.state = state
             self.since = time.time()
+            if self.on_change is not None:
+                self.on_change(state)
         if error is not None:
             self.last_error = error
 

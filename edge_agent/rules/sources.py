@@ -1,0 +1,277 @@
+"""Event time per source: device clocks, watermarks and what the agent could not see.
+
+The rules decide on event time only. This module owns, per device, what the engine knows
+about that device's time and coverage, and answers two questions for the rules:
+
+- **How far has event time surely advanced for a rule?** (``watermark``) The minimum over
+  the rule's input devices of the latest event time each has reported. A device counts in
+  that minimum while it is *active* (online and heard from within ``idle_secs``), while it
+  is offline but *buffered* (an MQTT QoS 1 persistent session: its messages wait at the
+  broker and will come), and for ``hold_offline_secs`` after any device went offline (it
+  may come back with what it has). A device that is online but quiet does not hold the
+  others back, so a checkweigher that falls silent while the scanner keeps sending still
+  gets its ``no_weight`` exceptions. When every input is quiet, event time is taken to have
+  advanced by the quiet time since the latest input (a quiet line still closes its
+  windows), but never while the agent itself is behind (``stall``: a late tick, a commit
+  that takes long, ingest paused): wall time alone never decides that something did not
+  happen.
+- **Could the agent have missed an input in this interval?** (``unseen``) A device has
+  *holes*: before it was first online, while it was offline (unless it is buffered, or it
+  came back within the hold and its connector says reconnects lose nothing), and where its
+  connector reported a counter gap. A rule whose window overlaps a hole of a missing
+  input's device reports a gap instead of inventing an exception about a carton.
+
+Device clocks: a device's time is kept as it said it, unless its clock is far off the
+agent's (more than ``skew_tolerance_secs``): then its times are shifted by the estimated
+offset for windowing, and that is reported once. The offset estimate is the largest
+``device time - arrival time`` seen (a message can arrive late, never early), lowered only
+after a whole epoch of messages says the device is further behind (so a backlog after an
+outage is not taken for a slow clock), raised only when several messages in a row agree (so
+one message stamped hours ahead is an outlier, clamped to the device's last time, not a
+new clock).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NEG_INF = -math.inf
+EPOCH_SECS = 60.0  # arrival time over which a lower (further behind) offset is confirmed
+JUMP_CONFIRM = 3  # messages in a row that agree on a clock further ahead
+MAX_HOLES = 256  # per device, oldest dropped
+
+
+class Source:
+    """What the engine knows of one device's time and coverage."""
+
+    __slots__ = (
+        "device", "buffered", "lossless_reconnect", "online", "offline_since", "max_time",
+        "last_arrival", "last_time", "skew", "applied", "epoch_start", "epoch_max",
+        "suspect", "suspect_n", "holes", "outliers",
+    )
+
+    def __init__(self, device: str, *, buffered: bool, lossless_reconnect: bool):
+        self.device = device
+        self.buffered = buffered
+        self.lossless_reconnect = lossless_reconnect
+        self.online = False
+        self.offline_since = NEG_INF  # wall time it went offline; -inf: never online yet
+        self.max_time = NEG_INF  # latest (normalized) event time it reported
+        self.last_arrival = NEG_INF  # wall time of its latest message (or of coming online)
+        self.last_time = NEG_INF  # normalized time of its latest message
+        self.skew: float | None = None  # estimated device clock - agent clock, seconds
+        self.applied = 0.0  # the offset removed from its times (0 unless far off)
+        self.epoch_start = NEG_INF
+        self.epoch_max = NEG_INF
+        self.suspect = 0.0
+        self.suspect_n = 0
+        # Intervals [start, end) of (normalized) time the agent could not see; end None = open.
+        self.holes: list[list[float | None]] = [[NEG_INF, None]] if not buffered else []
+        self.outliers = 0
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "online": self.online, "buffered": self.buffered,
+            "clock_offset_secs": None if self.skew is None else round(self.skew, 3),
+            "clock_corrected_secs": round(self.applied, 3), "clock_outliers": self.outliers,
+            "holes": [[h[0] if h[0] != NEG_INF else None, h[1]] for h in self.holes[-5:]],
+        }
+
+
+class Sources:
+    def __init__(
+        self,
+        *,
+        idle_secs: float = 2.0,
+        hold_offline_secs: float = 30.0,
+        skew_tolerance_secs: float = 1.0,
+        hole_margin_secs: float = 1.0,
+    ):
+        self.idle_secs = idle_secs
+        self.hold_offline_secs = hold_offline_secs
+        self.tol = skew_tolerance_secs
+        self.margin = hole_margin_secs
+        self.by_device: dict[str, Source] = {}
+        self.stalled_until = NEG_INF  # wall time until which quiet time does not count
+        self.counters = {"clock_outliers": 0, "clock_changes": 0, "holes": 0}
+
+    def add(self, device: str, *, buffered: bool = False, lossless_reconnect: bool = False) -> Source:
+        s = self.by_device.get(device)
+        if s is None:
+            s = self.by_device[device] = Source(
+                device, buffered=buffered, lossless_reconnect=lossless_reconnect
+            )
+        return s
+
+    # --- per message (hot path) ----------------------------------------------------------
+
+    def observe(self, device: str, t: float, arrival: float) -> float:
+        """Note a message; return its event time for windowing (the device's own time unless
+        its clock is far off the agent's)."""
+        s = self.by_device.get(device)
+        if s is None:
+            s = self.add(device, buffered=True)  # a device nobody declared: never invent holes
+            s.online = True
+        d = t - arrival
+        skew = s.skew
+        if skew is None:
+            s.skew = skew = d
+            s.epoch_start, s.epoch_max = arrival, d
+            self._apply(s)
+        elif d > skew + self.tol:
+            # Ahead of any arrival delay: a clock set forward, or one bad stamp.
+            if s.suspect_n and abs(d - s.suspect) <= self.tol:
+                s.suspect_n += 1
+            else:
+                s.suspect, s.suspect_n = d, 1
+            if s.suspect_n >= JUMP_CONFIRM:
+                s.skew = skew = d
+                s.suspect_n = 0
+                s.epoch_start, s.epoch_max = arrival, d
+                self._apply(s)
+            else:
+                s.outliers += 1
+                self.counters["clock_outliers"] += 1
+                if s.outliers == 1:
+                    log.warning(
+                        "device %s sent a time %.1f s ahead of its clock; not trusted for "
+                        "windows (counted as clock_outliers)", device, d - skew,
+                    )
+                tn = s.last_time if s.last_time != NEG_INF else arrival - s.applied
+                s.last_arrival = arrival
+                return tn
+        else:
+            s.suspect_n = 0
+            if d > s.epoch_max:
+                s.epoch_max = d
+            if d > skew:
+                s.skew = d
+                self._apply(s)
+            if arrival - s.epoch_start >= EPOCH_SECS:
+                if s.epoch_max < skew - self.tol:
+                    s.skew = s.epoch_max  # a whole epoch says it is further behind
+                    self._apply(s)
+                s.epoch_start, s.epoch_max = arrival, d
+        tn = t - s.applied
+        s.last_arrival = arrival
+        s.last_time = tn
+        if tn > s.max_time:
+            s.max_time = tn
+        return tn
+
+    def _apply(self, s: Source) -> None:
+        skew = s.skew or 0.0
+        new = skew if abs(skew) > self.tol else 0.0
+        old = s.applied
+        if new == old or (new and old and abs(new - old) <= self.tol):
+            return  # stable: a better estimate within the tolerance does not move times
+        s.applied = new
+        self.counters["clock_changes"] += 1
+        if new:
+            log.warning(
+                "device %s clock is %.1f s %s the agent's; its times are corrected by that "
+                "for windows", s.device, abs(new), "ahead of" if new > 0 else "behind",
+            )
+        else:
+            log.warning("device %s clock agrees with the agent's again", s.device)
+
+    # --- connections --------------------------------------------------------------------
+
+    def set_online(self, device: str, online: bool, now: float, *, resumed: bool = False) -> None:
+        """A device's connection came up (``resumed``: its session kept what was sent while
+        it was down) or went down."""
+        s = self.by_device.get(device) or self.add(device)
+        if online == s.online:
+            return
+        s.online = online
+        if not online:
+            s.offline_since = now
+            if not s.buffered:
+                self._hole(s, now - self.margin, None)
+            return
+        s.last_arrival = now  # it may bring a backlog: hold for idle_secs
+        down_for = now - s.offline_since
+        lost = not resumed if s.buffered else not (
+            s.lossless_reconnect and down_for <= self.hold_offline_secs
+        )
+        first = s.offline_since == NEG_INF
+        if s.buffered:
+            if lost:
+                self._hole(s, NEG_INF if first else s.offline_since - self.margin, now + self.margin)
+        else:
+            open_hole = s.holes[-1] if s.holes and s.holes[-1][1] is None else None
+            if open_hole is not None:
+                if lost or first:
+                    open_hole[1] = now + self.margin
+                else:
+                    s.holes.pop()  # back within the hold, and reconnects lose nothing
+
+    def gap(self, device: str, now: float) -> None:
+        """The device's connector saw events missed (a counter gap) up to ``now``."""
+        s = self.by_device.get(device) or self.add(device)
+        start = s.last_time if s.last_time != NEG_INF else NEG_INF
+        self._hole(s, start, now + self.margin)
+
+    def _hole(self, s: Source, start: float, end: float | None) -> None:
+        self.counters["holes"] += 1
+        s.holes.append([start, end])
+        if len(s.holes) > MAX_HOLES:
+            del s.holes[0]
+
+    def stall(self, now: float) -> None:
+        """The agent was behind (late tick, slow commit, ingest paused): quiet time up to
+        now may hide messages still waiting, so it does not count as quiet."""
+        until = now + self.idle_secs
+        if until > self.stalled_until:
+            self.stalled_until = until
+
+    # --- what rules ask -----------------------------------------------------------------
+
+    def watermark(self, devices: Iterable[str], now: float) -> float:
+        """Event time every input of these devices has surely reached (-inf: none yet)."""
+        wm = math.inf
+        latest = NEG_INF
+        idle = self.idle_secs
+        stalled = now < self.stalled_until
+        for dev in devices:
+            s = self.by_device.get(dev)
+            if s is None:
+                continue
+            if s.max_time > latest:
+                latest = s.max_time
+            if s.online:
+                holds = stalled or now - s.last_arrival <= idle
+            else:
+                holds = s.buffered or now - s.offline_since <= self.hold_offline_secs
+            if holds and s.max_time < wm:
+                wm = s.max_time
+        if wm != math.inf:
+            return wm
+        if stalled or latest == NEG_INF:
+            return NEG_INF
+        # Every input is quiet: event time has moved on by the quiet time since the latest
+        # input (measured on the agent's clock, never past now - idle).
+        return now - idle
+
+    def unseen(self, devices: Iterable[str], start: float, end: float) -> bool:
+        """Whether any of these devices has a hole overlapping [start, end]."""
+        for dev in devices:
+            s = self.by_device.get(dev)
+            if s is None:
+                continue
+            for h_start, h_end in s.holes:
+                if h_start is not None and h_start <= end and (h_end is None or h_end >= start):
+                    return True
+        return False
+
+    def prune(self, before: float) -> None:
+        for s in self.by_device.values():
+            s.holes = [h for h in s.holes if h[1] is None or h[1] >= before]
+
+    def status(self) -> dict[str, Any]:
+        return {d: s.to_status() for d, s in sorted(self.by_device.items())}
