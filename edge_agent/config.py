@@ -1133,6 +1133,14 @@ class _SiteCheck:
                     if fld not in ev.fields:
                         self.add(("rules", i, "terminate_on", j, "when", "field"),
                                  _unknown(f"{label} has no field", fld, ev.fields, "its fields"))
+        when = rule.get("when")  # map and count: a condition on their one input
+        fld = when.get("field") if isinstance(when, Mapping) else None
+        if isinstance(fld, str):
+            for in_evs in events.values():
+                for label, ev in in_evs:
+                    if fld not in ev.fields:
+                        self.add(("rules", i, "when", "field"),
+                                 _unknown(f"{label} has no field", fld, ev.fields, "its fields"))
         timeout = rule.get("on_timeout")
         reasons = timeout.get("reasons") if isinstance(timeout, Mapping) else None
         if isinstance(reasons, Mapping) and inputs:

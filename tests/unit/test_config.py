@@ -335,6 +335,27 @@ def test_terminate_condition_field_is_not_in_the_profile(site: Path) -> None:
                    "(did you mean 'barcode'?)")
 
 
+MAP_RULE = """\
+  - name: scans-seen
+    kind: map
+    inputs: {scan: {device: SCN1, event: read}}
+    when: {field: barcod, equals: "NOREAD"}
+    emit: {type: scan_no_read, data: {tracking_id: "${scan.tracking_id}"}}
+"""
+
+
+@pytest.mark.parametrize("kind_extra", ["map", "count"])
+def test_rule_condition_field_is_not_in_the_profile(site: Path, kind_extra: str) -> None:
+    """Issue 7 item 7: a misspelt condition field silently filtered out everything."""
+    rule = MAP_RULE if kind_extra == "map" else MAP_RULE.replace(
+        "kind: map", "kind: count\n    key: tracking_id\n    threshold: 2")
+    text = edit(BASE, "\nsinks:", rule + "\nsinks:")
+    p = only(site, text)
+    assert_problem(p, site, line(text, "field: barcod,"),
+                   "rules[scans-seen].when.field: generic_json_scanner.read has no field 'barcod' "
+                   "(did you mean 'barcode'?)")
+
+
 def test_on_timeout_reason_names_an_unknown_input(site: Path) -> None:
     text = edit(BASE, "reasons: {weight: no_weight,", "reasons: {weigth: no_weight,")
     p = only(site, text)
