@@ -86,6 +86,11 @@ class Trigger(Model):
                                 "2^bits of its type.")
     deadband: float | None = Field(None, gt=0, description="For kind deadband.")
     ack: Ack | None = Field(None, description="For kind handshake: the acknowledge to write.")
+    sequence: Name | None = Field(
+        None, description="For kind handshake: a signal the device advances with every new "
+        "data it flags (a key-press sequence). A changed sequence with the flag still set is "
+        "new data, so a second press before the flag was seen cleared is not missed; it is "
+        "also part of the event's identity.")
 
 
 class ModbusEvent(Model):
@@ -96,7 +101,16 @@ class ModbusEvent(Model):
     constants: dict[Name, Any] = Field(default_factory=dict,
                                        description="Literal fields added to every event "
                                        "(e.g. a pick position).")
-
+    identity: list[Name] | None = Field(
+        None, description="Signals whose values identify one occurrence of the event (e.g. "
+        "[press_seq] or [seq, weigh_time]): the same occurrence read again, after a failed "
+        "acknowledge or an agent restart, gets the same id and is dropped as a duplicate. "
+        "Default: the trigger's sequence (handshake) or the counter (counter), the `time` "
+        "signal, then the event's field values. Never a poll count or the agent's clock.")
+    time: Name | None = Field(
+        None, description="Signal holding the device's own time of the event, in epoch "
+        "seconds after scale (an epoch-ms register: scale 0.001); 0 or absent means the "
+        "poll's time.")
 
     def signal_map(self) -> dict[str, str]:
         """Event field -> signal."""
@@ -136,6 +150,13 @@ class ModbusProfile(Model):
                 if f not in self.signals:
                     raise ValueError(f"event '{name}': field '{f}' is not a signal")
             t = e.trigger
+            for what, names in (("identity", e.identity or ()), ("time", [e.time] if e.time else ()),
+                                ("sequence", [t.sequence] if t.sequence else ())):
+                for n in names:
+                    if n not in self.signals:
+                        raise ValueError(f"event '{name}': {what} names unknown signal '{n}'")
+            if t.sequence is not None and t.kind != "handshake":
+                raise ValueError(f"event '{name}': 'sequence' is only for handshake triggers")
             if t.kind == "deadband" and t.deadband is None:
                 raise ValueError(f"event '{name}': a deadband trigger needs 'deadband'")
             if t.ack is not None and t.kind != "handshake":

@@ -14,6 +14,13 @@ stop and restart on the same port). Exception responses come from the datastore.
     async with CheckweigherSim(port=0) as cw:          # in-process, port 0 = pick one
         await cw.weigh("T0000001", 1234.5, True)
         cw.faults.delay_ms = 300                        # every reply 300 ms late
+        await cw.restart(0.5, reset=True)               # a power cycle mid-flow
+
+Devices behave like the real equipment by default (`Realism`: unknown unit ids answered
+with exception 0x0B, read-only registers refuse writes, handshake flags cleared a while
+after the acknowledge); `realism=Realism.off()` is an ideal device. Ground truth:
+`CheckweigherSim.log`, `ConveyorSim.faults_log`, `PickToLightSim.presses` (with the key
+sequence each press got, as the agent's events carry it in `press_seq`).
 
     python -m simulators.modbus_devices --kind checkweigher --port 5020 --rate 5
     # prints "READY checkweigher port=5020", runs until SIGINT/SIGTERM
@@ -30,6 +37,7 @@ import random
 import signal
 import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,12 +201,39 @@ class Faults:
         self.exception_on = "read"
 
 
+@dataclass
+class Realism:
+    """How much like the real equipment the simulated device behaves; all on by default,
+    seeded (the same seed, the same delays). `Realism.off()` is the ideal device.
+
+    unit_ids: the unit ids the device answers; any other gets exception 0x0B (GATEWAY
+        TARGET DEVICE FAILED TO RESPOND), as a gateway or a strict device does. None: all.
+    read_only: a write to a register or coil the device does not accept (a status, a
+        result, a sequence) gets exception 0x02 (ILLEGAL DATA ADDRESS).
+    ack_clear_ms: a handshake flag is cleared this long (uniform in the range, seeded)
+        *after* the host's acknowledge, as a module scanning its inputs does; the operator
+        may press again in between (the press is accepted, the flag stays set, the key
+        sequence advances). (0, 0): cleared by the acknowledge itself.
+    """
+
+    seed: int = 0
+    unit_ids: tuple[int, ...] | None = (1,)
+    read_only: bool = True
+    ack_clear_ms: tuple[float, float] = (20.0, 150.0)
+
+    @classmethod
+    def off(cls, seed: int = 0) -> Realism:
+        return cls(seed=seed, unit_ids=None, read_only=False, ack_clear_ms=(0.0, 0.0))
+
+
 class DeviceMemory:
     """The four Modbus tables of one device, at protocol (0-based) addresses.
 
     Each table spans from its lowest to its highest address used by the profile (signals
     and ack targets), zero-filled in between like a PLC's memory; reads outside it get
     ILLEGAL DATA ADDRESS, reads longer than the profile's limit ILLEGAL DATA VALUE.
+    Requests for a unit id not in `units` get GATEWAY TARGET DEVICE FAILED TO RESPOND;
+    writes to a cell not in `writable` (None: every cell) get ILLEGAL DATA ADDRESS.
 
     Implements the datastore interface pymodbus 3.16's server calls
     (``async_getValues``/``async_setValues``/``device_ids``).
@@ -213,6 +248,9 @@ class DeviceMemory:
         self.max_registers = max_registers
         self.max_bits = max_bits
         self.reads = 0
+        self.units: set[int] | None = None
+        self.writable: set[tuple[Table, int]] | None = None
+        self.refused_writes = 0
         self.writes: list[tuple[Table, int, list[int]]] = []
         # Called after a client write is stored: (table, address, values).
         self.on_write: Callable[[Table, int, list[int]], None] | None = None
@@ -231,6 +269,10 @@ class DeviceMemory:
         cells = self.tables.get(table, {})
         if address not in cells or address + count - 1 not in cells:
             return ExcCodes.ILLEGAL_ADDRESS
+        if write and self.writable is not None and any(
+                (table, a) not in self.writable for a in range(address, address + count)):
+            self.refused_writes += 1
+            return ExcCodes.ILLEGAL_ADDRESS
         return None
 
     async def async_getValues(self, device_id: int, func_code: int, address: int,
@@ -239,6 +281,8 @@ class DeviceMemory:
         # pymodbus reads back after a write to build the reply: not a client read.
         if func_code in (1, 2, 3, 4):
             self.reads += 1
+            if self.units is not None and device_id not in self.units:
+                return ExcCodes.GATEWAY_NO_RESPONSE
             if rc := self._check(table, address, count, write=False):
                 return rc
         cells = self.tables[table]
@@ -250,6 +294,8 @@ class DeviceMemory:
     async def async_setValues(self, device_id: int, func_code: int, address: int,
                               values: Sequence[int] | Sequence[bool]) -> ExcCodes | None:
         table = FC_TABLE[func_code]
+        if self.units is not None and device_id not in self.units:
+            return ExcCodes.GATEWAY_NO_RESPONSE
         if rc := self._check(table, address, len(values), write=True):
             return rc
         ints = [int(v) for v in values]
@@ -337,17 +383,25 @@ class ModbusDeviceSim:
     """A simulated device: memory per its profile, a pymodbus server, a fault proxy.
 
     Values are set and read by signal name in engineering units (`set`, `get`); the
-    subclasses add the device's behaviour. Restarting keeps the memory, as a device
-    restarting its Modbus task would; `stop` then `start` reuses the same port.
+    subclasses add the device's behaviour. `stop` then `start` reuses the same port and
+    keeps the memory; `restart(reset=True)` is a power cycle: registers back to their
+    power-up values except the device's counters (`KEPT`, kept in non-volatile memory).
+    `realism` (default: all on, see `Realism`) makes it answer like the real equipment.
     """
 
     profile_name: ClassVar[str]
     kind: ClassVar[str]
+    WRITABLE: ClassVar[tuple[str, ...]] = ()  # signals the host may write (acks are added)
+    KEPT: ClassVar[tuple[str, ...]] = ()  # signals a power cycle keeps (counters)
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, rate: float = 0.0):
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, rate: float = 0.0,
+                 realism: Realism | None = None, seed: int = 0):
         self.host = host
         self.port = port
         self.rate = rate
+        self.seed = seed
+        self.realism = realism if realism is not None else Realism(seed=seed)
+        self.rng = random.Random(self.realism.seed)
         self.profile = load_profile(self.profile_name)
         self.signals = signal_specs(self.profile)
         self.faults = Faults()
@@ -355,10 +409,15 @@ class ModbusDeviceSim:
                                    int(self.profile.get("max_registers_per_read", 125)),
                                    int(self.profile.get("max_bits_per_read", 2000)))
         self.memory.on_write = self._on_write
+        if self.realism.unit_ids is not None:
+            self.memory.units = set(self.realism.unit_ids)
+        if self.realism.read_only:
+            self.memory.writable = self._writable()
         self._proxy = _FaultProxy(self.faults)
         self._server: ModbusTcpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.running = False
+        self.restarts = 0
         self._init_values()
 
     # lifecycle
@@ -392,12 +451,28 @@ class ModbusDeviceSim:
         if self._server is not None:
             await self._server.shutdown()
             self._server = None
+        self._stopped()
         self.running = False
 
-    async def restart(self, down_secs: float = 0.0) -> None:
+    async def restart(self, down_secs: float = 0.0, *, reset: bool = False) -> None:
+        """The device restarts mid-flow: connections dropped, `down_secs` refusing them;
+        with `reset` its registers come back at power-up values (counters kept)."""
         await self.stop()
         await asyncio.sleep(down_secs)
+        if reset:
+            self.power_cycle()
+        self.restarts += 1
         await self.start()
+
+    def power_cycle(self) -> None:
+        """Registers back to their power-up values, except the counters in `KEPT`."""
+        kept = {n: self.get(n) for n in self.KEPT}
+        for cells in self.memory.tables.values():
+            for a in cells:
+                cells[a] = 0
+        self._power_up()
+        for n, v in kept.items():
+            self.set(n, v)
 
     async def __aenter__(self) -> ModbusDeviceSim:
         await self.start()
@@ -444,17 +519,35 @@ class ModbusDeviceSim:
     # for subclasses
 
     def _extents(self) -> dict[Table, tuple[int, int]]:
-        base = int(self.profile.get("addressing", 0))
         spans: dict[Table, list[int]] = {}
         for s in signal_specs(self.profile).values():
             spans.setdefault(s.table, []).extend([s.address, s.address + s.count - 1])
-        for e in self.profile.get("events", {}).values():
-            if ack := e["trigger"].get("ack"):
-                spans.setdefault(ack["table"], []).append(int(ack["address"]) - base)
+        for table, address in self._ack_cells():
+            spans.setdefault(table, []).append(address)
         return {t: (min(a), max(a)) for t, a in spans.items()}
 
+    def _ack_cells(self) -> list[tuple[Table, int]]:
+        base = int(self.profile.get("addressing", 0))
+        return [(ack["table"], int(ack["address"]) - base)
+                for e in self.profile.get("events", {}).values()
+                if (ack := e["trigger"].get("ack"))]
+
+    def _writable(self) -> set[tuple[Table, int]]:
+        out = set(self._ack_cells())
+        for name in self.WRITABLE:
+            s = self.signals[name]
+            out.update((s.table, s.address + i) for i in range(s.count))
+        return out
+
     def _init_values(self) -> None:
-        """Power-up values."""
+        """Power-up values, and the device's own state (once)."""
+        self._power_up()
+
+    def _power_up(self) -> None:
+        """Register values at power-up."""
+
+    def _stopped(self) -> None:
+        """The device stopped (its Modbus task or its power)."""
 
     def _behaviours(self) -> list[Callable[[], Any]]:
         """Background coroutines run while the device is started."""
@@ -464,26 +557,49 @@ class ModbusDeviceSim:
         """React to a client's write (already stored)."""
 
 
+@dataclass
+class Weighing:
+    """Ground truth of one weighing."""
+
+    seq: int
+    tracking_id: str
+    weight_g: float
+    in_tolerance: bool
+    time: float
+
+
 class CheckweigherSim(ModbusDeviceSim):
-    """ACME CW-200: `weigh` writes the result registers, then advances `seq`."""
+    """ACME CW-200: `weigh` writes the result registers and time, then advances `seq`.
+
+    `log` is the ground truth: every weighing, in order."""
 
     profile_name = "acme_checkweigher_mb"
     kind = "checkweigher"
+    WRITABLE = ("nominal_weight_g",)
+    KEPT = ("seq", "total_count", "nominal_weight_g")
 
     def _init_values(self) -> None:
-        self.set("nominal_weight_g", 1200)
         self.weighings = 0
+        self.log: list[Weighing] = []
+        super()._init_values()
+
+    def _power_up(self) -> None:
+        self.set("nominal_weight_g", 1200)
 
     async def weigh(self, tracking_id: str, weight_g: float, in_tolerance: bool = True) -> int:
         """One weighing; returns the new sequence number."""
+        now = time.time()
         self.set("weight_g", weight_g)
         self.set("tracking_id", tracking_id)
+        self.set("weigh_time", now)
         nominal = self.get("nominal_weight_g")
         self.set("in_tolerance", in_tolerance)
         self.set("underweight", not in_tolerance and weight_g < nominal)
         self.set("overweight", not in_tolerance and weight_g >= nominal)
         self.set("total_count", self.get("total_count") + 1)
-        return self.skip_counter(1)
+        seq = self.skip_counter(1)
+        self.log.append(Weighing(seq, tracking_id, weight_g, in_tolerance, self.get("weigh_time")))
+        return seq
 
     def skip_counter(self, n: int) -> int:
         """Advance the sequence counter by `n` (n > 1 leaves a gap); returns it. Wraps at 2^16."""
@@ -496,7 +612,7 @@ class CheckweigherSim(ModbusDeviceSim):
         return [self._auto] if self.rate > 0 else []
 
     async def _auto(self) -> None:
-        rng = random.Random(0)
+        rng = random.Random(self.seed)
         n = 0
         while True:
             await asyncio.sleep(1 / self.rate)
@@ -509,16 +625,26 @@ CONVEYOR_NOMINAL_M_MIN = 45.2
 
 
 class ConveyorSim(ModbusDeviceSim):
-    """ACME CS-400: belt running at speed, photo-eye counts moving; `jam` stops it."""
+    """ACME CS-400: belt running at speed, photo-eye counts moving; `jam` stops it.
+
+    `faults_log` is the ground truth: (fault count, code) of every fault, in order."""
 
     profile_name = "acme_conveyor_section"
     kind = "conveyor"
+    KEPT = ("infeed_count", "discharge_count", "motor_run_time_s", "fault_count")
 
     def _init_values(self) -> None:
+        self.faults_log: list[tuple[int, int]] = []
+        super()._init_values()
+
+    def _power_up(self) -> None:
         self.clear()
 
     def jam(self, code: int = 1) -> None:
         """Stop the belt with a fault; code 1 (jam at photo-eye) also sets the jam bit."""
+        count = (self.get("fault_count") + 1) % 65536
+        self.set("fault_count", count)
+        self.faults_log.append((count, code))
         self.set("fault_code", code)
         self.set("fault_active", True)
         self.set("jam", code == 1)
@@ -547,7 +673,7 @@ class ConveyorSim(ModbusDeviceSim):
         return [self._motion]
 
     async def _motion(self) -> None:
-        rng = random.Random(0)
+        rng = random.Random(self.seed)
         tick = 0.1
         due = 0.0
         run_time_s = float(self.get("motor_run_time_s"))
@@ -568,18 +694,44 @@ class ConveyorSim(ModbusDeviceSim):
 PTL_POSITIONS = 4
 
 
+@dataclass
+class Press:
+    """Ground truth of one accepted key press: position, `confirm`/`short`, the module's key
+    sequence it got (what the agent's event carries as `press_seq`), the quantity, and
+    whether a power cycle wiped it before any host read it (`lost`)."""
+
+    position: int
+    kind: str
+    seq: int
+    qty: int
+    time: float
+    acked: bool = False
+    lost: bool = False
+
+
 class PickToLightSim(ModbusDeviceSim):
-    """ACME PTL-4: `confirm`/`short` set a key flag the host must acknowledge."""
+    """ACME PTL-4: `confirm`/`short` set a key flag the host must acknowledge.
+
+    A module holds one key event at a time: a press while the last one is unacknowledged is
+    ignored (returns False). An accepted press advances the position's key sequence, writes
+    the quantity, then sets the flag. The acknowledge clears the flag `realism.ack_clear_ms`
+    later; a press in between is accepted (the old flag is cleared at once, the new one set,
+    so the flag may never be seen clear). `presses` is the ground truth, in order.
+    """
 
     profile_name = "acme_pick_to_light"
     kind = "pick_to_light"
+    WRITABLE = tuple(f"display_qty_{n}" for n in range(1, PTL_POSITIONS + 1))
+    KEPT = tuple(f"press_seq_{n}" for n in range(1, PTL_POSITIONS + 1)) + ("heartbeat",)
 
     def _init_values(self) -> None:
-        self.set("zone_number", 12)
         self.acks: dict[str, int] = {}
+        self.presses: list[Press] = []
+        self.ignored = 0
+        # position -> the press waiting for its acknowledge / its flag being cleared
+        self._pending: dict[int, Press] = {}
+        self._clearing: dict[int, tuple[Press, asyncio.TimerHandle]] = {}
         for n in range(1, PTL_POSITIONS + 1):
-            self.set(f"location_{n}", f"A12-03-{n}")
-            self.set(f"online_{n}", True)
             self.acks[f"confirm_{n}"] = 0
             self.acks[f"short_{n}"] = 0
         self._ack_targets: dict[tuple[Table, int], str] = {}
@@ -587,40 +739,111 @@ class PickToLightSim(ModbusDeviceSim):
         for ev_name, ev in self.profile["events"].items():
             ack = ev["trigger"]["ack"]
             self._ack_targets[(ack["table"], int(ack["address"]) - base)] = ev_name
+        self._coil = {n: self._ack_cell(f"confirm_{n}") for n in range(1, PTL_POSITIONS + 1)}
+        super()._init_values()
+
+    def _ack_cell(self, event: str) -> tuple[Table, int]:
+        return next(k for k, v in self._ack_targets.items() if v == event)
+
+    def _power_up(self) -> None:
+        self.set("zone_number", 12)
+        for n in range(1, PTL_POSITIONS + 1):
+            self.set(f"location_{n}", f"A12-03-{n}")
+            self.set(f"online_{n}", True)
+        for n, p in list(self._pending.items()):
+            p.lost = True  # never acknowledged: wiped by the power cycle
+            del self._pending[n]
+
+    def counts(self) -> dict[str, int]:
+        """Accepted presses per kind, and presses ignored (the last one unacknowledged)."""
+        out = {"confirm": 0, "short": 0, "ignored": self.ignored}
+        for p in self.presses:
+            out[p.kind] += 1
+        return out
+
+    def _flag(self, kind: str, n: int, value: bool) -> None:
+        self.set(f"{kind}_flag_{n}", value)
+        if kind == "confirm":  # the CONFIRM coil mirrors the status bit
+            table, address = self._coil[n]
+            self.memory.tables[table][address] = int(value)
+
+    def _press(self, kind: str, position: int, qty: int) -> bool:
+        n = position
+        if n in self._pending:
+            self.ignored += 1
+            return False  # the module ignores presses until acked (it blinks)
+        if n in self._clearing:  # acked, flag not yet cleared: clear it now
+            done, handle = self._clearing.pop(n)
+            handle.cancel()
+            self._clear(done)
+        seq = (self.get(f"press_seq_{n}") + 1) % 65536
+        self.set(f"press_seq_{n}", seq)
+        self.set(f"picked_qty_{n}", qty)
+        p = Press(n, kind, seq, qty, time.time())
+        self.presses.append(p)
+        self._pending[n] = p
+        self._flag(kind, n, True)
+        return True
 
     def confirm(self, position: int, qty: int) -> bool:
-        """CONFIRM pressed with `qty` on the display; False if the last one is unacknowledged."""
-        if self.get(f"confirm_flag_{position}"):
-            return False  # the module ignores presses until acked (it blinks)
-        self.set(f"picked_qty_{position}", qty)
-        self.set(f"confirm_flag_{position}", True)
-        return True
+        """CONFIRM pressed with `qty` on the display; False if the last press is unacknowledged."""
+        return self._press("confirm", position, qty)
 
     def short(self, position: int, qty: int) -> bool:
-        """SHORT pressed with `qty` actually picked; False if the last one is unacknowledged."""
-        if self.get(f"short_flag_{position}"):
-            return False
-        self.set(f"picked_qty_{position}", qty)
-        self.set(f"short_flag_{position}", True)
-        return True
+        """SHORT pressed with `qty` actually picked; False if the last press is unacknowledged."""
+        return self._press("short", position, qty)
 
     def acknowledged(self, event: str) -> bool:
-        """Whether the host has acknowledged the last `confirm_N`/`short_N` (flag cleared)."""
+        """Whether the last `confirm_N`/`short_N` is acknowledged and its flag cleared."""
         kind, n = event.rsplit("_", 1)
         return not self.get(f"{kind}_flag_{n}")
+
+    def _clear(self, p: Press) -> None:
+        self._flag(p.kind, p.position, False)
+        if p.kind == "short":
+            table, address = self._ack_cell(f"short_{p.position}")
+            self.memory.tables[table][address] = 0  # the module resets the ack register
 
     def _on_write(self, table: Table, address: int, values: list[int]) -> None:
         for i, v in enumerate(values):
             ev = self._ack_targets.get((table, address + i))
             if ev is None:
                 continue
-            kind, n = ev.rsplit("_", 1)
-            if kind == "confirm" and v == 0:
-                self.acks[ev] += 1  # the coil write itself cleared the flag
-            elif kind == "short" and v == 1:
+            kind, n_ = ev.rsplit("_", 1)
+            n = int(n_)
+            p = self._pending.get(n)
+            is_ack = (v == 0) if kind == "confirm" else (v == 1)
+            if is_ack and p is not None and p.kind == kind:
+                del self._pending[n]
+                p.acked = True
                 self.acks[ev] += 1
-                self.set(f"short_flag_{n}", False)
-                self.memory.tables[table][address + i] = 0  # the module resets the ack
+                lo, hi = self.realism.ack_clear_ms
+                delay = self.rng.uniform(lo, hi) / 1000 if hi > 0 else 0.0
+                if delay > 0:
+                    handle = asyncio.get_running_loop().call_later(delay, self._cleared, n)
+                    self._clearing[n] = (p, handle)
+                    if kind == "confirm":  # still shown set until the module clears it
+                        self.memory.tables[table][address + i] = 1
+                else:
+                    self._clear(p)
+            elif kind == "confirm":
+                # Not an acknowledge of a pending confirm: the coil shows the module's state.
+                shown = (n in self._pending and self._pending[n].kind == "confirm") or (
+                    n in self._clearing and self._clearing[n][0].kind == "confirm")
+                self.memory.tables[table][address + i] = int(shown)
+            else:
+                self.memory.tables[table][address + i] = 0
+
+    def _cleared(self, n: int) -> None:
+        done = self._clearing.pop(n, None)
+        if done is not None:
+            self._clear(done[0])
+
+    def _stopped(self) -> None:
+        for n in list(self._clearing):  # the module finishes clearing what was acked
+            done, handle = self._clearing.pop(n)
+            handle.cancel()
+            self._clear(done)
 
     def _behaviours(self) -> list[Callable[[], Any]]:
         return [self._heartbeat] + ([self._auto] if self.rate > 0 else [])
@@ -631,7 +854,7 @@ class PickToLightSim(ModbusDeviceSim):
             self.set("heartbeat", (self.get("heartbeat") + 1) % 65536)
 
     async def _auto(self) -> None:
-        rng = random.Random(0)
+        rng = random.Random(self.seed)
         while True:
             await asyncio.sleep(1 / self.rate)
             n = rng.randint(1, PTL_POSITIONS)
@@ -650,8 +873,10 @@ KINDS: dict[str, type[ModbusDeviceSim]] = {
 
 # --- CLI ---------------------------------------------------------------------------------
 
-async def _serve(kind: str, host: str, port: int, rate: float) -> None:
-    sim = KINDS[kind](host=host, port=port, rate=rate)
+async def _serve(kind: str, host: str, port: int, rate: float, seed: int = 0,
+                 ideal: bool = False) -> None:
+    realism = Realism.off(seed) if ideal else Realism(seed=seed)
+    sim = KINDS[kind](host=host, port=port, rate=rate, realism=realism, seed=seed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -670,9 +895,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0,
                    help="events per second in automatic mode (weighings, cartons, key "
                    "presses); 0 = only what a test scripts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the automatic mode and delays")
+    p.add_argument("--ideal", action="store_true",
+                   help="an ideal device: every unit id served, every cell writable, "
+                   "handshake flags cleared by the acknowledge itself (see Realism)")
     a = p.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(a.kind, a.host, a.port, a.rate))
+        asyncio.run(_serve(a.kind, a.host, a.port, a.rate, a.seed, a.ideal))
     return 0
 
 

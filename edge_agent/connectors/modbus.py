@@ -64,8 +64,26 @@ class _Watcher:
         bits = 16 * REGISTERS.get(profile.signals[t.signal].type, 1)
         self.watch = Watch(t.kind, modulus=t.modulus or 2**bits, deadband=t.deadband)
         self.ack = t.ack
+        self.sequence = t.sequence
+        self.time = spec.time
         self.fields = spec.signal_map()
         self.constants = dict(spec.constants)
+        self.identity = identity_signals(spec)
+
+
+def identity_signals(spec: ModbusEvent) -> list[str]:
+    """The signals whose values identify one occurrence of the event (see the profile's
+    ``identity``): what the device said, never a poll count or the agent's clock."""
+    if spec.identity is not None:
+        return list(spec.identity)
+    t = spec.trigger
+    out = [t.sequence] if t.sequence else []
+    if t.kind == "counter":
+        out.append(t.signal)
+    if spec.time:
+        out.append(spec.time)
+    out.extend(s for s in spec.signal_map().values() if s not in out)
+    return out
 
 
 class ModbusConnector:
@@ -240,23 +258,28 @@ class ModbusConnector:
             if v is None:
                 continue
             last = w.watch.last
-            fire, missed = w.watch.observe(v)
+            fire, missed = w.watch.observe(v, self.values.get(w.sequence) if w.sequence else None)
             if missed:
                 ingest.bad_payload(
                     self.device, f"{w.name}:{w.signal}", "counter_gap",
                     f"{missed} event(s) missed: counter went from {last} to {v}", b"", None,
                 )
             if fire:
-                position = f"{v}" if w.kind == "counter" else f"{self.polls}"
-                self._emit(w, position, self._acker(w) if w.ack else None)
+                self._emit(w, self._acker(w) if w.ack else None)
 
-    def _emit(self, w: _Watcher, position: str, ack: Callable[[], None] | None) -> None:
+    def _emit(self, w: _Watcher, ack: Callable[[], None] | None) -> None:
         now = self.clock.now()
-        fields = {f: self.values.get(s) for f, s in w.fields.items()}
+        values = self.values
+        fields = {f: values.get(s) for f, s in w.fields.items()}
         fields.update(w.constants)
+        t = values.get(w.time) if w.time else None
+        # The id is what the device said (sequence, its time, the data): the same occurrence
+        # read again (a failed ack, an agent restart) has the same id and is deduplicated.
+        ident = ",".join(f"{s}={values.get(s)!r}" for s in w.identity)
         assert self.ingest is not None
         self.ingest.device_event(
-            DeviceEvent(self.device, w.name, fields, now, now, f"{self.device}/{w.name}/{position}@{now!r}"),
+            DeviceEvent(self.device, w.name, fields, float(t) if t else now, now,
+                        f"{self.device}/{w.name}/{ident}"),
             ack,
         )
 
@@ -275,7 +298,7 @@ class ModbusConnector:
     async def _write_ack(self, table: str, address: int, value: int, w: _Watcher) -> None:
         client = self.client
         if client is None:
-            w.watch.armed = True  # reconnecting: the flag is still set; make the event again
+            w.watch.armed = True  # reconnecting: the flag is still set; read it again (same id)
             return
         async with self.lock:
             try:
@@ -285,13 +308,15 @@ class ModbusConnector:
                     rr = await client.write_register(address, value, device_id=self.conn.unit_id)
             except (ModbusException, OSError) as exc:
                 log.warning("%s: could not write the acknowledge of %s: %s", self.name, w.name, exc)
-                w.watch.armed = True  # the device still holds the data: make the event again
+                # The device still holds the data: the next poll makes the event again under
+                # the same id (dropped as a duplicate), and its ack is written again.
+                w.watch.armed = True
                 return
         if rr.isError():
             log.warning("%s: device refused the acknowledge of %s: %s", self.name, w.name, rr)
-        # Acknowledged (or not): ready for the next set flag. Waiting to *see* it cleared
-        # would miss a press that sets it again before the next poll.
-        w.watch.armed = True
+            w.watch.armed = True
+        # Acknowledged: not re-armed until the flag is seen cleared (the device may show it
+        # for a while). A new press before that is seen by the trigger's sequence.
 
     def status(self) -> dict[str, Any]:
         return {

@@ -5,8 +5,11 @@ OPC UA subscriptions). Pure: no I/O, no clock. Kinds:
 
 - counter: an event per increment; wraps at ``modulus``; a step of more than one means
   events were missed, reported as ``missed`` (never silently absorbed);
-- handshake: a new-data flag; an event when it becomes set, none again until it has been
-  cleared (the acknowledge is written by the connector after the commit);
+- handshake: a new-data flag; an event when it is set, none again until it has been *seen*
+  cleared (the acknowledge is written by the connector after the commit; writing it does
+  not re-arm: the device may show the flag for a while after it). With a ``seq`` (a
+  sequence the device advances per new data) a changed sequence while the flag is still set
+  is new data too, so a second press before the clear was seen is not missed;
 - rising / falling: an edge of a boolean;
 - deadband: a change of more than ``deadband`` since the last event;
 - change: any change of value.
@@ -21,7 +24,7 @@ from typing import Any
 
 
 class Watch:
-    __slots__ = ("kind", "modulus", "deadband", "last", "armed", "missed_total")
+    __slots__ = ("kind", "modulus", "deadband", "last", "armed", "missed_total", "seq")
 
     def __init__(self, kind: str, *, modulus: int = 65536, deadband: float | None = None):
         self.kind = kind
@@ -30,9 +33,10 @@ class Watch:
         self.last: Any = None  # last value seen (deadband: last value that made an event)
         self.armed = True  # handshake: ready for the next set flag
         self.missed_total = 0
+        self.seq: Any = None  # handshake: the sequence of the last event made
 
-    def observe(self, v: Any) -> tuple[bool, int]:
-        """(make an event?, events missed before this one)."""
+    def observe(self, v: Any, seq: Any = None) -> tuple[bool, int]:
+        """(make an event?, events missed before this one). ``seq``: handshake sequence."""
         last = self.last
         kind = self.kind
         if kind == "handshake":
@@ -40,9 +44,10 @@ class Watch:
             if not v:
                 self.armed = True
                 return False, 0
-            if not self.armed:
-                return False, 0  # the same data, not yet acknowledged and cleared
+            if not self.armed and (seq is None or seq == self.seq):
+                return False, 0  # the same data, not yet seen cleared
             self.armed = False
+            self.seq = seq
             return True, 0
         if kind == "deadband":
             if last is None or abs(float(v) - float(last)) > (self.deadband or 0):

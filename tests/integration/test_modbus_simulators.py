@@ -33,6 +33,7 @@ from simulators.modbus_devices import (
     ConveyorSim,
     ModbusDeviceSim,
     PickToLightSim,
+    Realism,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +119,11 @@ async def test_checkweigher_registers_per_manual() -> None:
         assert regs[3] & 0b1111 == 0b0010  # underweight, not in tolerance
         assert text(regs[4:9]) == "T0000018"
 
-        r = await c.read_holding_registers(12, count=1, device_id=UNIT)  # past 40012
+        regs = await hr(c, 12, 4)  # 40013-40016 weighing time, epoch ms, ABCD
+        ms = struct.unpack(">Q", regs_bytes(regs))[0]
+        assert ms == round(cw.log[-1].time * 1000) and abs(ms / 1000 - time.time()) < 60
+
+        r = await c.read_holding_registers(16, count=1, device_id=UNIT)  # past 40016
         assert r.isError() and r.exception_code == ExcCodes.ILLEGAL_ADDRESS
 
 
@@ -193,18 +198,28 @@ async def test_pick_to_light_confirm_handshake() -> None:
         await c.write_register(base + 4, 5, device_id=UNIT)  # WMS writes display qty
         assert ptl.get("display_qty_2") == 5
         assert text(await hr(c, base, 4)) == "A12-03-2"
+        assert (await hr(c, base - 1, 1)) == [0]  # 40110 key sequence: no press yet
 
         assert ptl.confirm(2, 4)
         assert await coils(c, 0, 4) == [False, True, False, False]  # coil 00002
         assert (await hr(c, base + 4, 2)) == [5, 4]  # display, picked
+        assert (await hr(c, base + 6, 1))[0] & 0b110 == 0b110  # confirm flag + online
+        assert (await hr(c, base - 1, 1)) == [1]  # the press's sequence
         assert not ptl.confirm(2, 3)  # ignored until acknowledged
         assert not ptl.acknowledged("confirm_2")
 
-        await c.write_coil(1, False, device_id=UNIT)  # the ack: clear the flag
+        await c.write_coil(1, False, device_id=UNIT)  # the ack: the module clears the flag
+        assert ptl.acks["confirm_2"] == 1 and ptl.presses[-1].acked
+
+        async def cleared() -> None:
+            assert await coils(c, 0, 4) == [False] * 4
+            assert (await hr(c, base + 6, 1))[0] & 0b100 == 0
+        await eventually(cleared)
         assert ptl.acknowledged("confirm_2")
-        assert ptl.acks["confirm_2"] == 1
-        assert await coils(c, 0, 4) == [False] * 4
         assert ptl.confirm(2, 3)
+        assert (await hr(c, base - 1, 1)) == [2]
+        assert [(p.position, p.kind, p.seq, p.qty) for p in ptl.presses] == [
+            (2, "confirm", 1, 4), (2, "confirm", 2, 3)]
 
 
 async def test_pick_to_light_short_handshake() -> None:
@@ -213,12 +228,16 @@ async def test_pick_to_light_short_handshake() -> None:
         assert ptl.short(4, 1)
         regs = await hr(c, base, 8)
         assert regs[5] == 1  # picked
-        assert regs[6] & 0b11 == 0b11  # short flag + online
+        assert regs[6] & 0b111 == 0b011  # short flag + online
         await c.write_register(base + 7, 1, device_id=UNIT)  # 40138 short ack
-        assert ptl.acknowledged("short_4") and ptl.acks["short_4"] == 1
-        regs = await hr(c, base, 8)
-        assert regs[6] & 0b11 == 0b10
-        assert regs[7] == 0  # the module reset the ack register
+        assert ptl.acks["short_4"] == 1
+
+        async def cleared() -> None:
+            regs = await hr(c, base, 8)
+            assert regs[6] & 0b11 == 0b10
+            assert regs[7] == 0  # the module reset the ack register
+        await eventually(cleared)
+        assert ptl.acknowledged("short_4")
         assert ptl.acks["short_1"] == 0
 
 
@@ -376,3 +395,83 @@ async def test_cli_ready_line_and_automatic_mode() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0, err.decode()
+
+
+# --- realistic behaviour (on by default, switchable, seeded) ------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+async def test_unit_ids_the_device_does_not_serve_get_exception_0x0b(kind: str) -> None:
+    async with KINDS[kind]() as sim, client(sim.port) as c:
+        method, address = first_read(sim)
+        r = await getattr(c, method)(address, count=1, device_id=7)
+        assert r.isError() and r.exception_code == ExcCodes.GATEWAY_NO_RESPONSE  # 0x0B
+        assert not (await read_once(c, sim)).isError()  # unit 1 is served
+    async with KINDS[kind](realism=Realism.off()) as sim, client(sim.port) as c:
+        method, address = first_read(sim)
+        assert not (await getattr(c, method)(address, count=1, device_id=7)).isError()
+
+
+async def test_read_only_registers_refuse_writes() -> None:
+    async with CheckweigherSim() as cw, client(cw.port) as c:
+        await cw.weigh("T1", 500.0)
+        r = await c.write_register(2, 99, device_id=UNIT)  # 40003 sequence: read-only
+        assert r.isError() and r.exception_code == ExcCodes.ILLEGAL_ADDRESS
+        assert cw.get("seq") == 1
+        assert not (await c.write_register(11, 1500, device_id=UNIT)).isError()  # nominal
+        assert cw.get("nominal_weight_g") == 1500
+    async with PickToLightSim() as ptl, client(ptl.port) as c:
+        r = await c.write_register(99, 5, device_id=UNIT)  # 40100 key sequence
+        assert r.isError() and r.exception_code == ExcCodes.ILLEGAL_ADDRESS
+        r = await c.write_registers(104, [3, 3], device_id=UNIT)  # display ok, picked not
+        assert r.isError() and ptl.get("picked_qty_1") == 0 and ptl.get("display_qty_1") == 0
+        assert not (await c.write_register(104, 3, device_id=UNIT)).isError()
+    async with ConveyorSim() as cv, client(cv.port) as c:
+        r = await c.write_coil(0, False, device_id=UNIT)
+        assert r.isError() and r.exception_code == ExcCodes.ILLEGAL_ADDRESS
+        assert cv.get("running")
+
+
+async def test_a_press_while_the_flag_is_being_cleared_is_accepted() -> None:
+    """After the acknowledge the module shows the flag a while longer; a press then is a new
+    key event (new sequence), so the flag may never be seen clear between two presses."""
+    realism = Realism(ack_clear_ms=(5000, 5000))
+    async with PickToLightSim(realism=realism) as ptl, client(ptl.port) as c:
+        assert ptl.confirm(1, 2)
+        assert not ptl.confirm(1, 5)  # not acknowledged: ignored
+        await c.write_coil(0, False, device_id=UNIT)
+        assert await coils(c, 0, 1) == [True]  # acknowledged, not yet cleared
+        assert ptl.confirm(1, 3)  # accepted
+        assert (await hr(c, 99, 8))[0::6] == [2, 3]  # key sequence 2, picked 3
+        assert await coils(c, 0, 1) == [True]
+        assert [(p.seq, p.qty, p.acked) for p in ptl.presses] == [(1, 2, True), (2, 3, False)]
+        assert ptl.counts() == {"confirm": 2, "short": 0, "ignored": 1}
+
+
+async def test_delays_are_seeded() -> None:
+    def delays(seed: int) -> list[float]:
+        sim = PickToLightSim(realism=Realism(seed=seed))
+        return [sim.rng.uniform(*sim.realism.ack_clear_ms) for _ in range(3)]
+    assert delays(3) == delays(3) != delays(4)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_device_restart_mid_flow_keeps_counters(reset: bool) -> None:
+    async with PickToLightSim() as ptl:
+        assert ptl.confirm(3, 4)  # pending, never acknowledged
+        await ptl.restart(0.05, reset=reset)
+        async with client(ptl.port) as c:
+            regs = await hr(c, 119, 8)  # position 3: 40120-40127
+            assert regs[0] == 1  # the key sequence survives a power cycle
+            assert bool(regs[7] & 0b100) is not reset  # the pending flag only without reset
+            assert text(regs[1:5]) == "A12-03-3"
+        assert ptl.presses[0].lost is reset
+        assert ptl.confirm(3, 1) is reset  # with the flag kept, still waiting for its ack
+    async with CheckweigherSim() as cw:
+        await cw.weigh("T1", 500.0)
+        await cw.restart(0.0, reset=reset)
+        assert cw.get("seq") == 1 and cw.get("total_count") == 1
+        assert cw.get("tracking_id") == ("" if reset else "T1")
+    async with ConveyorSim() as cv:
+        cv.jam(1)
+        await cv.restart(0.0, reset=reset)
+        assert cv.get("fault_count") == 1 and cv.get("jam") is not reset
