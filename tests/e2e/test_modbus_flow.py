@@ -1,13 +1,17 @@
 """Modbus devices through the whole agent: a Modbus checkweigher feeds the spine's
 carton_closed rule (unchanged) together with the MQTT scanner; pick-to-light presses become
 pick_confirmed / pick_short; a conveyor jam becomes equipment_fault. Real TCP everywhere:
-pymodbus simulators, mosquitto, HTTP receivers."""
+pymodbus simulators (realistic: flags cleared late after the acknowledge, presses in
+between, a device restart mid-flow), mosquitto, HTTP receivers. Every press is exactly one
+business event, matched to the simulator's ground truth by position and key sequence."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -46,7 +50,7 @@ rules:
     emit:
       type: pick_confirmed
       subject: ${{pick.location}}
-      data: {{location: "${{pick.location}}", position: "${{pick.position}}", qty: "${{pick.qty_picked}}", zone: PTL1}}
+      data: {{location: "${{pick.location}}", position: "${{pick.position}}", qty: "${{pick.qty_picked}}", zone: PTL1, press_seq: "${{pick.press_seq}}"}}
   - name: picks-short
     kind: map
     inputs:
@@ -54,7 +58,7 @@ rules:
     emit:
       type: pick_short
       subject: ${{pick.location}}
-      data: {{location: "${{pick.location}}", position: "${{pick.position}}", qty_picked: "${{pick.qty_picked}}", qty_expected: "${{pick.display_qty}}"}}
+      data: {{location: "${{pick.location}}", position: "${{pick.position}}", qty_picked: "${{pick.qty_picked}}", qty_expected: "${{pick.display_qty}}", press_seq: "${{pick.press_seq}}"}}
   - name: conveyor-faults
     kind: map
     inputs:
@@ -106,22 +110,63 @@ def scan(port: int, tracking_id: str, barcode: str, seq: int) -> None:
     c.disconnect()
 
 
-def retained(port: int, topic: str) -> dict[str, dict]:
-    """What a subscriber arriving now gets: the retained status of every device."""
+def retained(port: int, topic: str, done, secs: float = 15.0) -> dict[str, dict]:
+    """What a subscriber arriving now gets: the retained status of every device (and its
+    updates), once `done(got)` holds or after `secs`."""
     got: dict[str, dict] = {}
     c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     c.on_message = lambda _c, _u, m: got.__setitem__(m.topic.split("/")[-2], json.loads(m.payload))
     c.connect("127.0.0.1", port)
     c.subscribe(topic, qos=1)
     c.loop_start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline and not done(dict(got)):
+        time.sleep(0.05)
     c.loop_stop()
     c.disconnect()
     return got
 
 
+async def polled(agent: Agent, n: int = 3) -> bool:
+    """Every Modbus device polled `n` more times (the first polls learn counters and flags)."""
+    start = {c.name: c.polls for c in agent.connectors if hasattr(c, "polls")}
+    return await wait_for(lambda: all(c.polls >= start[c.name] + n for c in agent.connectors
+                                      if c.name in start))
+
+
+async def picker(ptl: PickToLightSim, presses: int, seed: int) -> None:
+    """A picker at four positions: presses as soon as the module takes one (often while
+    the last flag is still shown), one in ten a SHORT."""
+    rng = random.Random(seed)
+    for _ in range(presses):
+        n, qty = rng.randint(1, 4), rng.randint(1, 6)
+        ptl.set(f"display_qty_{n}", qty)
+        press = ptl.short if rng.random() < 0.1 else ptl.confirm
+        assert await wait_for(lambda n=n, qty=qty, press=press: press(n, qty), 15)
+        await asyncio.sleep(rng.uniform(0, 0.08))  # the picker's pace (not synchronisation)
+
+
+def match_presses(ptl: PickToLightSim, events: list[dict]) -> None:
+    """One business event per press, one press per business event: by (position, key
+    sequence), with the press's kind and quantity."""
+    picks = [e for e in events if e["type"] in ("pick_confirmed", "pick_short")]
+    by_press = Counter((e["data"]["position"], e["data"]["press_seq"]) for e in picks)
+    dup = {k: n for k, n in by_press.items() if n > 1}
+    assert not dup, f"the same press under several ids: {dup}"
+    truth = {(p.position, p.seq): p for p in ptl.presses}
+    assert set(by_press) == set(truth), (sorted(set(truth) - set(by_press)),
+                                         sorted(set(by_press) - set(truth)))
+    for e in picks:
+        p = truth[(e["data"]["position"], e["data"]["press_seq"])]
+        if e["type"] == "pick_confirmed":
+            assert (p.kind, p.qty) == ("confirm", e["data"]["qty"]), (p, e["data"])
+        else:
+            assert (p.kind, p.qty) == ("short", e["data"]["qty_picked"]), (p, e["data"])
+    assert len(picks) == len(ptl.presses)
+
+
 async def test_modbus_devices_make_business_events_end_to_end(broker, tmp_path: Path):
-    async with CheckweigherSim() as cw, PickToLightSim() as ptl, ConveyorSim() as conv, \
+    async with CheckweigherSim() as cw, PickToLightSim(seed=5) as ptl, ConveyorSim() as conv, \
             Receiver("wms") as wms:
         path = tmp_path / "site.yaml"
         path.write_text(SITE.format(
@@ -135,7 +180,7 @@ async def test_modbus_devices_make_business_events_end_to_end(broker, tmp_path: 
         try:
             assert await wait_for(lambda: agent.connectors and all(
                 c.health.state == "online" for c in agent.connectors))
-            await asyncio.sleep(0.3)  # the first polls learn the counters and flags
+            assert await polled(agent)
             # carton_closed: scan over MQTT, weight over Modbus, joined by tracking id.
             await asyncio.to_thread(scan, broker.port, "T0000501", "C0000501", 501)
             await cw.weigh("T0000501", 2345.5, True)
@@ -160,16 +205,39 @@ async def test_modbus_devices_make_business_events_end_to_end(broker, tmp_path: 
                              "speed_m_min": fault["speed_m_min"]}
             # The presses were acknowledged on the device after the events were durable.
             assert await wait_for(lambda: ptl.acknowledged("confirm_1") and ptl.acknowledged("short_4"))
-            await asyncio.sleep(0.5)
+            assert await polled(agent)  # the flags, shown a while after the ack, read again
             assert len(wms.events) == 4  # one business event per fact, nothing twice
+
+            # A picker at full pace, the zone controller restarting mid-flow (registers
+            # kept), the belt jamming again: every press and every jam exactly once.
+            conv.clear()
+            work = asyncio.create_task(picker(ptl, 40, seed=7))
+            assert await wait_for(lambda: len(ptl.presses) >= 20, 30)
+            await ptl.restart(0.3)
+            assert await wait_for(lambda: conv.get("jam") is False and agent.status()[
+                "connectors"]["modbus:CONV3"]["state"] == "online")
+            assert await polled(agent)
+            conv.jam(1)
+            await asyncio.wait_for(work, 60)
+            assert await wait_for(lambda: all(p.acked for p in ptl.presses), 30)
+            assert await polled(agent, 5)
+            assert await wait_for(lambda: len(got("pick_confirmed")) + len(got("pick_short"))
+                                  >= len(ptl.presses), 30)
+            assert await wait_for(lambda: len(got("equipment_fault")) >= 2)
+            assert await polled(agent, 5)
+            match_presses(ptl, wms.events)
+            assert len(got("equipment_fault")) == len(conv.faults_log) == 2
+            assert ptl.restarts == 1 and ptl.counts()["confirm"] + ptl.counts()["short"] == 42
             st = agent.status()
             assert all(c["state"] == "online" for c in st["connectors"].values())
             # Each device's status is retained on MQTT; a device that stops answering shows.
             conv.faults.blackhole = True
             assert await wait_for(lambda: agent.status()["connectors"]["modbus:CONV3"]["state"]
                                   in ("degraded", "offline"))
-            await asyncio.sleep(1.5)
-            status = await asyncio.to_thread(retained, broker.port, "edge/modbus-e2e/devices/+/status")
+            status = await asyncio.to_thread(
+                retained, broker.port, "edge/modbus-e2e/devices/+/status",
+                lambda g: set(g) == {"SCN1", "CW2", "PTL1", "CONV3"}
+                and g["CONV3"]["state"] in ("degraded", "offline"))
             assert set(status) == {"SCN1", "CW2", "PTL1", "CONV3"}
             assert status["CW2"]["state"] == "online"
             assert status["CONV3"]["state"] in ("degraded", "offline")
