@@ -47,3 +47,27 @@ def test_deadband_compares_with_the_last_event_not_the_last_value():
 def test_change():
     assert [f for f, _ in run(Watch("change"), ["a", "a", "b", "b", "c"])] == [
         False, False, True, False, True]
+
+
+def test_handshake_is_not_re_armed_by_the_ack_only_by_a_seen_clear():
+    w = Watch("handshake")
+    assert w.observe(True) == (True, 0)
+    # acknowledged; the device still shows the flag for a few polls: the same data
+    assert run(w, [True, True, True]) == [(False, 0)] * 3
+    w.armed = True  # what the connector does after a *failed* ack: read it again
+    assert w.observe(True) == (True, 0)
+
+
+def test_handshake_with_a_sequence_sees_a_new_press_while_the_flag_stays_set():
+    w = Watch("handshake")
+    seen = [w.observe(flag, seq)[0] for flag, seq in
+            [(False, 4), (True, 5), (True, 5), (True, 6), (True, 6), (False, 6), (True, 7)]]
+    assert seen == [False, True, False, True, False, False, True]
+
+
+def test_handshake_with_a_sequence_read_again_after_a_failed_ack_is_the_same_press():
+    w = Watch("handshake")
+    assert w.observe(True, 9) == (True, 0)
+    w.armed = True  # the ack failed
+    assert w.observe(True, 9) == (True, 0)  # made again: the connector gives it the same id
+    assert w.observe(True, 9) == (False, 0)
