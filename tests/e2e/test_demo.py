@@ -19,8 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-RESULT_OK = "result: every simulated carton is accounted for exactly once at wms, erp and bus"
-LEDGER = re.compile(r"^\s+(wms|erp|bus)\s+ok\s+([\d,]+)/([\d,]+) cartons;", re.MULTILINE)
+RESULT_OK = "result: exactly once at wms, erp and bus:"
+# A row of the ledger table: sink, type, expected, delivered, wrong, missing, invented,
+# dup deliveries, dup facts, precision, recall.
+LEDGER_ROW = re.compile(
+    r"^\s+(wms|erp|bus)\s+([a-z_]+)" + r"\s+(\d+)" * 7 + r"\s+([\d.]+|-)\s+([\d.]+|-)\s*$",
+    re.MULTILINE,
+)
+COLUMNS = ("expected", "delivered", "wrong", "missing", "invented", "dup_deliveries", "dup_facts")
 
 
 def _demo_cmd(*args: str) -> list[str]:
@@ -90,16 +96,39 @@ class Demo:
             self.proc.stdout.close()
 
 
-def assert_all_accounted(out: str) -> None:
-    assert RESULT_OK in out, out[-4000:]
+def ledger(out: str) -> dict[tuple[str, str], dict[str, int | float | None]]:
+    """The summary's ledger table: (sink, type) -> its columns."""
+    rows = {}
+    for m in LEDGER_ROW.findall(out):
+        row: dict[str, int | float | None] = dict(zip(COLUMNS, map(int, m[2:9]), strict=True))
+        row["precision"] = None if m[9] == "-" else float(m[9])
+        row["recall"] = None if m[10] == "-" else float(m[10])
+        rows[(m[0], m[1])] = row
+    return rows
+
+
+def assert_all_accounted(out: str) -> dict[tuple[str, str], dict[str, int | float | None]]:
+    assert RESULT_OK in out, out[-6000:]
     cartons = int(re.search(r"cartons simulated\s+([\d,]+)", out).group(1).replace(",", ""))
     assert cartons > 0, out[-4000:]
-    ledgers = {m[0]: (int(m[1].replace(",", "")), int(m[2].replace(",", ""))) for m in
-               LEDGER.findall(out)}
-    assert ledgers == {d: (cartons, cartons) for d in ("wms", "erp", "bus")}, out[-4000:]
+    rows = ledger(out)
+    assert {s for s, _ in rows} == {"wms", "erp", "bus"}, out[-6000:]
+    for (sink, type_), row in rows.items():
+        # Nothing missing, wrong, invented or under a second id; every fact delivered.
+        assert row["wrong"] == row["missing"] == row["invented"] == row["dup_facts"] == 0, (
+            sink, type_, out[-6000:])
+        assert row["delivered"] == row["expected"], (sink, type_, out[-6000:])
+        assert row["recall"] in (1.0, None) and row["precision"] in (1.0, None), (sink, type_)
+    # Every closing-line carton is a fact at each destination it subscribes to.
+    carton_facts = sum(rows.get(("wms", t), {}).get("expected", 0)
+                       for t in ("carton_closed", "carton_exception", "scan_no_read"))
+    assert carton_facts == cartons, out[-6000:]
+    assert rows[("erp", "total")]["expected"] == rows[("erp", "carton_closed")]["expected"] > 0
+    assert rows[("bus", "total")]["expected"] >= rows[("wms", "total")]["expected"]
     delivered = re.search(r"delivered\s+wms ([\d,]+), erp ([\d,]+), bus ([\d,]+)", out)
     assert delivered and all(int(n.replace(",", "")) > 0 for n in delivered.groups()), out[-4000:]
     assert re.search(r"dead letters\s+wms 0, erp 0, bus 0", out), out[-4000:]
+    return rows
 
 
 def assert_no_child_left(demo: Demo) -> None:
@@ -124,19 +153,27 @@ def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
         rc = demo.wait(60)
         out = demo.output()
         assert rc == 0, out[-4000:]
-        assert_all_accounted(out)
+        rows = assert_all_accounted(out)
         # The Modbus conveyor and pick-to-light zone were polled, and the picker's presses
-        # became pick events at the WMS and on the bus.
+        # (facts of the ledger) became pick events at the WMS and on the bus, one each.
         assert re.search(r"modbus devices\s+CONV1 online \(polls [1-9][\d,]*.*PTL1 online", out), out
         picks = re.search(r"pick/fault events\s+wms pick_confirmed ([\d,]+)", out)
         assert picks and int(picks.group(1).replace(",", "")) > 0, out[-4000:]
+        presses = re.search(r"pick-to-light PTL1\s+([\d,]+) presses", out)
+        press_facts = sum(rows.get(("wms", t), {}).get("expected", 0)
+                          for t in ("pick_confirmed", "pick_short"))
+        assert presses and press_facts == int(presses.group(1).replace(",", "")) > 0, out[-4000:]
+        assert rows[("bus", "pick_confirmed")]["delivered"] == rows[("wms", "pick_confirmed")]["delivered"]
         # The OPC UA sorter was online, its carton_sorted events reached the WMS, and they
         # match the sorter's own ground truth.
-        sorter = re.search(r"sorter SORTER1\s+([\d,]+) cartons inducted, ([\d,]+) carton_sorted, "
-                           r"([\d,]+) sort_exception at wms \(online at stop\)", out)
-        assert sorter and int(sorter.group(2).replace(",", "")) > 0, out[-4000:]
+        sorter = re.search(r"sorter SORTER1\s+([\d,]+) cartons inducted \(([\d,]+) finished at "
+                           r"stop\), ([\d,]+) carton_sorted, ([\d,]+) sort_exception at wms "
+                           r"\(online at stop\)", out)
+        assert sorter and int(sorter.group(3).replace(",", "")) > 0, out[-4000:]
         assert re.search(r"SORTER1 online notifications [1-9]", out), out[-4000:]
-        assert re.search(r"sorter vs its plan\s+ok\s", out), out[-4000:]
+        # The sorter's finished cartons are facts of the ledger, at the WMS and on the bus.
+        assert rows[("wms", "carton_sorted")]["expected"] > 0
+        assert rows[("bus", "carton_sorted")]["expected"] == rows[("wms", "carton_sorted")]["expected"]
         # Plain progress lines, not a live view, when stdout is not a terminal.
         assert re.search(r"^\[\s*[\d.]+s\] running\s+cartons \d+", out, re.MULTILINE), out
         assert "\x1b[" not in out
