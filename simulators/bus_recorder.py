@@ -1,4 +1,8 @@
-"""A subscriber to the agent's MQTT events, recording envelopes and their arrival times."""
+"""A subscriber to the agent's MQTT events, recording envelopes and their arrival times.
+
+Every message is kept, a redelivery of an id included (QoS 1 is at least once): the ledger
+(``simulators.ledger``) tells redeliveries from duplicate facts, so nothing is dropped here.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +47,11 @@ class BusRecorder:
         with self.lock:
             self.events.append(ev)
             self.meta.append(meta)
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        """Every event received so far, in arrival order, repeats of an id included."""
+        with self.lock:
+            return list(self.events)
 
     def unique(self) -> int:
         with self.lock:

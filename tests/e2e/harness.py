@@ -73,8 +73,7 @@ class Line:
     def deliveries(self, sink: str) -> list[dict[str, Any]]:
         """Every delivery ``sink`` received, in arrival order, repeats of an id included."""
         if sink == "bus":
-            with self.bus.lock:
-                return list(self.bus.events)
+            return self.bus.deliveries()
         doc = getattr(self, sink).received()
         return merge_deliveries(doc["events"], doc.get("redelivered", []))
 
