@@ -54,12 +54,18 @@ async def until(pred, secs: float = 5.0) -> bool:
     return pred()
 
 
+async def polled(c: ModbusConnector, n: int = 3, secs: float = 10.0) -> bool:
+    """`c` polled `n` more times (the first poll only learns counters and edges)."""
+    start = c.polls
+    return await until(lambda: c.polls >= start + n, secs)
+
+
 async def test_checkweigher_counter_makes_one_event_per_weighing_and_reports_gaps():
     async with CheckweigherSim() as sim:
         c = connector(sim, "acme_checkweigher_mb", "CW2")
         async with running(c) as ing:
             assert await until(lambda: c.health.state == "online")
-            await asyncio.sleep(0.3)  # the first poll only learns the counter
+            assert await polled(c)
             await sim.weigh("T0000042", 1234.5, True)
             assert await until(lambda: len(ing.events) == 1)
             ev = ing.events[0]
@@ -90,7 +96,7 @@ async def test_pick_to_light_confirm_and_short_are_acknowledged_after_the_event(
             assert await until(lambda: len(ing.events) == 2)
             assert ing.events[1].event == "short_3"
             assert await until(lambda: sim.acknowledged("short_3"))
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             assert len(ing.events) == 2  # one event per press, not one per poll
 
 
@@ -109,7 +115,7 @@ async def test_held_ack_means_the_device_keeps_its_data():
             assert await until(lambda: c.health.state == "online")
             sim.confirm(1, 2)
             assert await until(lambda: len(ing.events) == 1)
-            await asyncio.sleep(0.4)
+            assert await polled(c)
             assert not sim.acknowledged("confirm_1") and len(ing.events) == 1
             ing.held()
             assert await until(lambda: sim.acknowledged("confirm_1"))
@@ -120,13 +126,13 @@ async def test_conveyor_jam_is_an_event_with_the_fault_text():
         c = connector(sim, "acme_conveyor_section", "CONV3")
         async with running(c) as ing:
             assert await until(lambda: c.health.state == "online")
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             sim.jam(1)
             assert await until(lambda: any(e.event == "jam" for e in ing.events))
             jam = next(e for e in ing.events if e.event == "jam")
             assert jam.fields["fault_code"] == "jam_at_photo_eye"  # the enum text, not the code
             sim.clear()
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             sim.jam(2)  # a motor overload is a fault, not a jam
             faults = lambda: [e for e in ing.events if e.event == "fault"]  # noqa: E731
             assert await until(lambda: len(faults()) == 2)  # the jam was a fault too
@@ -162,7 +168,7 @@ async def test_late_replies_are_never_taken_for_the_answer_to_another_request():
         c = connector(sim, "acme_checkweigher_mb", "CW2", timeout_ms=200)
         async with running(c) as ing:
             assert await until(lambda: c.health.state == "online")
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             sim.faults.delay_ms = 350  # every reply comes after the request timed out
             for i in range(5):
                 await sim.weigh(f"T{i:07d}", 1000.0 + i, True)
@@ -194,7 +200,7 @@ async def test_device_restart_reconnects_within_10_s():
             t0 = time.monotonic()
             assert await until(lambda: c.health.state == "online", 10)
             assert time.monotonic() - t0 < 10
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             await sim.weigh("T0000007", 777.0, True)
             assert await until(lambda: any(e.fields["tracking_id"] == "T0000007" for e in ing.events))
 
@@ -229,7 +235,7 @@ async def test_rtu_frames_over_tcp_for_serial_gateways():
         c = connector(sim, "acme_checkweigher_mb", "CW9", framing="rtu_over_tcp")
         async with running(c) as ing:
             assert await until(lambda: c.health.state == "online")
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             await sim.weigh("T0000900", 900.5, False)
             assert await until(lambda: len(ing.events) == 1)
             assert ing.events[0].fields["tracking_id"] == "T0000900"
@@ -248,5 +254,5 @@ async def test_a_press_right_after_an_acknowledge_is_not_missed():
                 # could see the flag cleared.
                 assert await until(lambda n=n: sim.confirm(1, n + 1), 5)
             assert await until(lambda: len(ing.events) == 10)
-            await asyncio.sleep(0.3)
+            assert await polled(c)
             assert [e.fields["qty_picked"] for e in ing.events] == list(range(1, 11))

@@ -159,3 +159,20 @@ async def test_a_device_restart_mid_flow_loses_and_repeats_nothing():
             assert sim.confirm(4, 2)
             assert await until(lambda: sim.acknowledged("confirm_4") and len(set(ids(ing))) == 2, 15)
         assert sorted(set(ids(ing))) == ["PTL1/confirm_4/press_seq_4=1", "PTL1/confirm_4/press_seq_4=2"]
+
+
+async def test_a_device_running_before_the_agent_shows_only_what_follows():
+    """Weighings before the agent connected are not events (a counter's first value is a
+    baseline); every event after is a true weighing of the ground truth, once."""
+    async with CheckweigherSim(rate=10, seed=3) as cw:
+        assert await until(lambda: len(cw.log) >= 5, 15)
+        before = cw.log[-1].seq  # weighed before the agent was there
+        c = connector(cw, "acme_checkweigher_mb", "CW2")
+        async with running(c) as ing:
+            assert await until(lambda: len(ing.events) >= 5, 15)
+        truth = {w.seq: w for w in cw.log}
+        assert all(e.fields["seq"] > before for e in ing.events)
+        for e in ing.events:
+            w = truth[e.fields["seq"]]
+            assert e.fields["tracking_id"] == w.tracking_id and abs(e.time - w.time) < 1e-3
+        assert len({e.msg_id for e in ing.events}) == len(ing.events)
