@@ -11,7 +11,12 @@ Reads follow the coalesced plan (``modbus_plan.plan``), per poll group at its in
 Events come from state: a counter that advanced (a gap of more than one is reported as a
 ``counter_gap`` set aside for operators, never silently absorbed), a new-data handshake
 (the acknowledge is written back *after* the event is durably committed, so a crash before
-that leaves the device holding the data), an edge, or a change beyond a deadband.
+that leaves the device holding the data; re-armed only when the flag is seen cleared, or
+at once by a new value of the trigger's ``sequence``), an edge, or a change beyond a deadband.
+An event's id is what the device said (the profile's ``identity``: a sequence, the device's
+time, the data), never a poll count or our clock, so the same occurrence read again after a
+failed ack or a restart is dropped by the engine as a duplicate; its time is the profile's
+``time`` signal when there is one, else the poll's.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class _Watcher:
         self.fields = spec.signal_map()
         self.constants = dict(spec.constants)
         self.identity = identity_signals(spec)
+        self.ack_failing = False  # warned about a failing ack (once until it succeeds)
 
 
 def identity_signals(spec: ModbusEvent) -> list[str]:
@@ -307,14 +313,24 @@ class ModbusConnector:
                 else:
                     rr = await client.write_register(address, value, device_id=self.conn.unit_id)
             except (ModbusException, OSError) as exc:
-                log.warning("%s: could not write the acknowledge of %s: %s", self.name, w.name, exc)
+                if not w.ack_failing:
+                    log.warning("%s: could not write the acknowledge of %s: %s (retried)",
+                                self.name, w.name, exc)
+                w.ack_failing = True
                 # The device still holds the data: the next poll makes the event again under
                 # the same id (dropped as a duplicate), and its ack is written again.
                 w.watch.armed = True
                 return
         if rr.isError():
-            log.warning("%s: device refused the acknowledge of %s: %s", self.name, w.name, rr)
+            if not w.ack_failing:
+                log.warning("%s: device refused the acknowledge of %s: %s (retried)",
+                            self.name, w.name, rr)
+            w.ack_failing = True
             w.watch.armed = True
+            return
+        if w.ack_failing:
+            log.info("%s: acknowledge of %s written again", self.name, w.name)
+            w.ack_failing = False
         # Acknowledged: not re-armed until the flag is seen cleared (the device may show it
         # for a while). A new press before that is seen by the trigger's sequence.
 
