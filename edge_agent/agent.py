@@ -172,7 +172,8 @@ class Agent:
                 engine.sources.add(d, buffered=c.buffered[d])
         else:
             devices = [c.device]
-            kinds = {e.trigger.kind for e in c.profile.events.values()}
+            kinds = {getattr(getattr(e, "trigger", None), "kind", None) or getattr(e, "kind", None)
+                     for e in c.profile.events.values()}
             # Counters report what was missed; a handshake holds its data until acknowledged.
             engine.sources.add(c.device, lossless_reconnect=kinds <= {"counter", "handshake"})
 
@@ -369,6 +370,14 @@ class Agent:
                 **self.engine.counters,
                 "bad_payloads": {f"{d}:{r}": n for (d, r), n in self.engine.bad.items()},
                 "open_keys": {r.name: r.open_keys() for r in self.engine.rules},
+                "unseen": {r.name: n for r in self.engine.rules
+                           if (n := getattr(r, "counters", {}).get("unseen"))},
+                "sources": self.engine.sources.status(),
+                # An exception can be about what came before a device was covered up to this
+                # long before: until then a missing input is reported as a gap.
+                "max_window_secs": max(
+                    [getattr(r, "window", 0) + r.lateness for r in self.engine.rules], default=0
+                ),
                 "recent": self.engine.recent[-20:],
             },
             "outbox": {

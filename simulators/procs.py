@@ -133,6 +133,15 @@ def write_site(
     return path
 
 
+def _covered(st: dict[str, Any]) -> bool:
+    eng = st.get("engine", {})
+    sources = eng.get("sources", {})
+    since = [s.get("covered_since") for s in sources.values()]
+    if any(c is None for c in since):
+        return False
+    return all(st["time"] - c > eng.get("max_window_secs", 0) for c in since)
+
+
 class AgentProc:
     """``edge-agent run`` in its own process (so it can be SIGTERMed or kill -9ed)."""
 
@@ -154,14 +163,19 @@ class AgentProc:
         log.close()
         return self
 
-    def wait_ready(self, timeout_secs: float = 20) -> dict[str, Any]:
-        """Wait until every connector is online; returns the status."""
+    def wait_ready(self, timeout_secs: float = 45, *, covered: bool = True) -> dict[str, Any]:
+        """Wait until every connector is online; returns the status.
+
+        ``covered``: also until the agent has watched every device for a whole window, so
+        that no exception it makes can be about something from before it connected (those
+        are gaps): a line started after that is judged in full.
+        """
         deadline = time.monotonic() + timeout_secs
         while time.monotonic() < deadline:
             st = self.status()
             if st and st.get("pid") == self.pid and all(
                 c["state"] == "online" for c in st["connectors"].values()
-            ):
+            ) and (not covered or _covered(st)):
                 return st
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}; see {self.log_path}")

@@ -157,6 +157,10 @@ class Correlate:
             heapq.heappush(self.heap, (o.deadline, key))
             if len(self.open) > self.max_open_keys:
                 self._force_expire(out)
+        elif not o.closed and t > o.t0 + self.window:
+            # Beyond its window: the window had ended (a replay brings both at once); decide
+            # it as the live run did, then this input is its late partner.
+            self._timeout(key, o, out)
         if o.closed or input_name in o.parts:
             # Late partner of a resolved key, or a second message for the same input.
             self.counters["late_after_timeout" if o.timed_out else "absorbed"] += 1

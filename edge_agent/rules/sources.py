@@ -11,8 +11,9 @@ about that device's time and coverage, and answers two questions for the rules:
   may come back with what it has). A device that is online but quiet does not hold the
   others back, so a checkweigher that falls silent while the scanner keeps sending still
   gets its ``no_weight`` exceptions. When every input is quiet, event time is taken to have
-  advanced by the quiet time since the latest input (a quiet line still closes its
-  windows), but never while the agent itself is behind (``stall``: a late tick, a commit
+  advanced by the quiet time since each input's latest message (a quiet line still closes
+  its windows; a replay long after the fact stays in its own time), but never while the
+  agent itself is behind (``stall``: a late tick, a commit
   that takes long, ingest paused): wall time alone never decides that something did not
   happen.
 - **Could the agent have missed an input in this interval?** (``unseen``) A device has
@@ -21,14 +22,17 @@ about that device's time and coverage, and answers two questions for the rules:
   connector reported a counter gap. A rule whose window overlaps a hole of a missing
   input's device reports a gap instead of inventing an exception about a carton.
 
-Device clocks: a device's time is kept as it said it, unless its clock is far off the
-agent's (more than ``skew_tolerance_secs``): then its times are shifted by the estimated
-offset for windowing, and that is reported once. The offset estimate is the largest
-``device time - arrival time`` seen (a message can arrive late, never early), lowered only
-after a whole epoch of messages says the device is further behind (so a backlog after an
-outage is not taken for a slow clock), raised only when several messages in a row agree (so
-one message stamped hours ahead is an outlier, clamped to the device's last time, not a
-new clock).
+Device clocks: a device's time is kept as it said it, unless its clock is shown to be far
+off the agent's (more than ``skew_tolerance_secs``): then its times are shifted by the
+estimated offset for windowing, and that is reported once. A device is taken to be synced
+until shown otherwise. A message can arrive late, never early, so a time ahead of arrival
+is unambiguous: one such message is an *outlier* (clamped to the device's latest time, so a
+single stamp hours ahead cannot push event time), several in a row that agree are a clock
+set forward. A time behind arrival is ambiguous (a backlog after an outage, or a slow
+clock), so the clock is taken to be behind only when a whole epoch of messages (60 s of
+arrivals) says so; until then the per-device watermark keeps a slow device from being
+judged by the others' clocks. The estimate changes in steps, never per message, so the same
+messages get the same times.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 NEG_INF = -math.inf
 EPOCH_SECS = 60.0  # arrival time over which a lower (further behind) offset is confirmed
+EPOCH_MIN_MESSAGES = 10  # fewer in an epoch say nothing about its clock
 JUMP_CONFIRM = 3  # messages in a row that agree on a clock further ahead
 MAX_HOLES = 256  # per device, oldest dropped
 
@@ -51,7 +56,7 @@ class Source:
 
     __slots__ = (
         "device", "buffered", "lossless_reconnect", "online", "offline_since", "max_time",
-        "last_arrival", "last_time", "skew", "applied", "epoch_start", "epoch_max",
+        "last_arrival", "last_time", "skew", "applied", "epoch_start", "epoch_max", "epoch_n",
         "suspect", "suspect_n", "holes", "outliers",
     )
 
@@ -64,20 +69,30 @@ class Source:
         self.max_time = NEG_INF  # latest (normalized) event time it reported
         self.last_arrival = NEG_INF  # wall time of its latest message (or of coming online)
         self.last_time = NEG_INF  # normalized time of its latest message
-        self.skew: float | None = None  # estimated device clock - agent clock, seconds
+        self.skew = 0.0  # estimated device clock - agent clock, seconds (synced until shown)
         self.applied = 0.0  # the offset removed from its times (0 unless far off)
         self.epoch_start = NEG_INF
         self.epoch_max = NEG_INF
+        self.epoch_n = 0
         self.suspect = 0.0
         self.suspect_n = 0
         # Intervals [start, end) of (normalized) time the agent could not see; end None = open.
         self.holes: list[list[float | None]] = [[NEG_INF, None]] if not buffered else []
         self.outliers = 0
 
+    def covered_since(self) -> float | None:
+        """Since when the agent has seen everything this device said (None: not now)."""
+        if self.holes and self.holes[-1][1] is None:
+            return None
+        ends = [h[1] for h in self.holes if h[1] is not None]
+        return max(ends) if ends else NEG_INF
+
     def to_status(self) -> dict[str, Any]:
+        covered = self.covered_since()
         return {
+            "covered_since": None if covered is None else (0.0 if covered == NEG_INF else covered),
             "online": self.online, "buffered": self.buffered,
-            "clock_offset_secs": None if self.skew is None else round(self.skew, 3),
+            "clock_offset_secs": round(self.skew, 3),
             "clock_corrected_secs": round(self.applied, 3), "clock_outliers": self.outliers,
             "holes": [[h[0] if h[0] != NEG_INF else None, h[1]] for h in self.holes[-5:]],
         }
@@ -112,29 +127,20 @@ class Sources:
 
     def observe(self, device: str, t: float, arrival: float) -> float:
         """Note a message; return its event time for windowing (the device's own time unless
-        its clock is far off the agent's)."""
+        its clock is known to be far off the agent's)."""
         s = self.by_device.get(device)
         if s is None:
             s = self.add(device, buffered=True)  # a device nobody declared: never invent holes
             s.online = True
         d = t - arrival
         skew = s.skew
-        if skew is None:
-            s.skew = skew = d
-            s.epoch_start, s.epoch_max = arrival, d
-            self._apply(s)
-        elif d > skew + self.tol:
+        if d > skew + self.tol:
             # Ahead of any arrival delay: a clock set forward, or one bad stamp.
             if s.suspect_n and abs(d - s.suspect) <= self.tol:
                 s.suspect_n += 1
             else:
                 s.suspect, s.suspect_n = d, 1
-            if s.suspect_n >= JUMP_CONFIRM:
-                s.skew = skew = d
-                s.suspect_n = 0
-                s.epoch_start, s.epoch_max = arrival, d
-                self._apply(s)
-            else:
+            if s.suspect_n < JUMP_CONFIRM:
                 s.outliers += 1
                 self.counters["clock_outliers"] += 1
                 if s.outliers == 1:
@@ -142,21 +148,24 @@ class Sources:
                         "device %s sent a time %.1f s ahead of its clock; not trusted for "
                         "windows (counted as clock_outliers)", device, d - skew,
                     )
-                tn = s.last_time if s.last_time != NEG_INF else arrival - s.applied
                 s.last_arrival = arrival
-                return tn
+                return s.last_time if s.last_time != NEG_INF else t - d  # its latest, or now
+            s.skew = d  # several in a row agree: the clock was set forward
+            s.suspect_n = 0
+            s.epoch_start, s.epoch_max, s.epoch_n = arrival, d, 0
+            self._apply(s)
         else:
             s.suspect_n = 0
             if d > s.epoch_max:
                 s.epoch_max = d
-            if d > skew:
-                s.skew = d
-                self._apply(s)
+            s.epoch_n += 1
             if arrival - s.epoch_start >= EPOCH_SECS:
-                if s.epoch_max < skew - self.tol:
-                    s.skew = s.epoch_max  # a whole epoch says it is further behind
+                # A whole epoch of messages, none as early as the estimate says they could
+                # be: the clock is further behind (a backlog drains within an epoch).
+                if s.epoch_max < skew - self.tol and s.epoch_n >= EPOCH_MIN_MESSAGES:
+                    s.skew = s.epoch_max
                     self._apply(s)
-                s.epoch_start, s.epoch_max = arrival, d
+                s.epoch_start, s.epoch_max, s.epoch_n = arrival, d, 0
         tn = t - s.applied
         s.last_arrival = arrival
         s.last_time = tn
@@ -165,7 +174,7 @@ class Sources:
         return tn
 
     def _apply(self, s: Source) -> None:
-        skew = s.skew or 0.0
+        skew = s.skew
         new = skew if abs(skew) > self.tol else 0.0
         old = s.applied
         if new == old or (new and old and abs(new - old) <= self.tol):
@@ -235,28 +244,29 @@ class Sources:
     def watermark(self, devices: Iterable[str], now: float) -> float:
         """Event time every input of these devices has surely reached (-inf: none yet)."""
         wm = math.inf
-        latest = NEG_INF
+        quiet = math.inf  # when every input is quiet: event time moved on by the quiet time
         idle = self.idle_secs
         stalled = now < self.stalled_until
         for dev in devices:
             s = self.by_device.get(dev)
             if s is None:
                 continue
-            if s.max_time > latest:
-                latest = s.max_time
             if s.online:
                 holds = stalled or now - s.last_arrival <= idle
             else:
                 holds = s.buffered or now - s.offline_since <= self.hold_offline_secs
-            if holds and s.max_time < wm:
-                wm = s.max_time
+            if holds:
+                if s.max_time < wm:
+                    wm = s.max_time
+            elif s.max_time != NEG_INF:
+                q = s.max_time + (now - s.last_arrival)
+                if q < quiet:
+                    quiet = q
         if wm != math.inf:
             return wm
-        if stalled or latest == NEG_INF:
+        if stalled or quiet == math.inf:
             return NEG_INF
-        # Every input is quiet: event time has moved on by the quiet time since the latest
-        # input (measured on the agent's clock, never past now - idle).
-        return now - idle
+        return quiet
 
     def unseen(self, devices: Iterable[str], start: float, end: float) -> bool:
         """Whether any of these devices has a hole overlapping [start, end]."""
