@@ -18,6 +18,34 @@ Within one induct or divert the fields are written before the Count, so a client
 a Count change can read consistent fields. Counts are never reset, not even by a restart,
 so a client can tell how many confirmations it missed.
 
+The consistent form: every induct, divert and scanner read is also an OPC UA event carrying
+all its fields at once (custom event types, ``s=<Name>EventType`` in our namespace):
+
+    Sorter1/Induct  emits InductedEventType        {TrackingId, Barcode, Count}
+    Sorter1/Divert  emits DivertConfirmedEventType {TrackingId, Lane, Disposition, Count}
+    Scanner1/LastRead emits ScannerReadEventType   {Barcode, TrackingId, NoRead, Count}
+
+(``Count`` is the same counter as the variable; the event's ``Time`` is the device clock.)
+Jams raise a BaseEventType event on Sorter1 (Message, Severity).
+
+Realism, each a constructor switch, seeded, and on by default:
+
+- ``timestamp_resolution_ms`` (1): SourceTimestamps are truncated to the millisecond, as
+  many PLCs stamp them, so several writes (of one divert, or of two diverts) share one;
+- ``clock_offset_secs`` (2.0) and ``clock_drift_ppm`` (50): the device clock that stamps
+  SourceTimestamps and event ``Time`` is off the host's and drifts;
+- exception-based pushes (every write is reported) with several changes per publish
+  response at any real rate; or ``sampling_ms`` > 0: the server *samples* each variable on
+  its own clock at that interval, so intermediate values are skipped and the variables of
+  one divert can be reported in different publish responses (off by default: it is the
+  inconsistent server that clients must be able to detect);
+- the line runs from ``start()`` (with ``rate`` > 0), so cartons are inducted before any
+  client subscribed; ``warmup_cartons`` inducts that many at once before serving;
+- ``restart()`` stops the server mid-flow.
+
+The ground truth (``ground_truth()``, plus ``diverts()`` / ``inducts()``: every
+confirmation and induct with its counter value) is exact whatever the switches.
+
 Divert/Lane is where the carton went: the destination lane (1..lanes) when sorted,
 `REJECT_LANE` (0) for no_read, no_destination and lane_full, `NO_LANE` (-1) when it stays
 on the loop (recirculated) or is lost. A recirculated carton gets one confirmation per pass.
@@ -52,12 +80,14 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import random
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +113,19 @@ NO_LANE = -1
 JAM_FAULT_CODE = 1001
 TICK_SECS = 0.01
 CERT_FILE = "sorter_server_cert.der"
+# Custom event types: name -> [(property, VariantType)], emitted by the notifier object.
+EVENT_TYPES: dict[str, list[tuple[str, ua.VariantType]]] = {
+    "InductedEventType": [("TrackingId", ua.VariantType.String), ("Barcode", ua.VariantType.String),
+                          ("Count", ua.VariantType.UInt32)],
+    "DivertConfirmedEventType": [("TrackingId", ua.VariantType.String),
+                                 ("Lane", ua.VariantType.Int32),
+                                 ("Disposition", ua.VariantType.Int32),
+                                 ("Count", ua.VariantType.UInt32)],
+    "ScannerReadEventType": [("Barcode", ua.VariantType.String), ("TrackingId", ua.VariantType.String),
+                             ("NoRead", ua.VariantType.Boolean), ("Count", ua.VariantType.UInt32)],
+}
+EVENT_NOTIFIERS = {"InductedEventType": "Sorter1.Induct", "DivertConfirmedEventType": "Sorter1.Divert",
+                   "ScannerReadEventType": "Scanner1.LastRead"}
 KEY_FILE = "sorter_server_key.pem"
 
 Security = Literal["none", "sign_encrypt"]
@@ -324,12 +367,21 @@ class SorterSim:
         cert_dir: Path | str | None = None,
         ground_truth_path: Path | str | None = None,
         tracking_prefix: str = "S",
+        timestamp_resolution_ms: float = 1.0,
+        clock_offset_secs: float = 2.0,
+        clock_drift_ppm: float = 50.0,
+        sampling_ms: float = 0.0,
+        events: bool = True,
+        warmup_cartons: int = 0,
     ) -> None:
         """`rate` is cartons per second (0: scripted cartons only); `jam_every` jams the
         sorter after every N-th inducted carton for `jam_secs` (0: never); `users` maps
         username to password (empty: anonymous allowed); `cert_dir` holds the server
         certificate, generated on first start (default: a temporary directory removed by
-        `stop`); `ground_truth_path` is written on `stop` and on every `restart`."""
+        `stop`); `ground_truth_path` is written on `stop` and on every `restart`.
+        `timestamp_resolution_ms` (0: full resolution), `clock_offset_secs`,
+        `clock_drift_ppm`, `sampling_ms` (0: exception-based), `events` and
+        `warmup_cartons`: see the module docstring."""
         errors = []
         if rate < 0:
             errors.append(f"rate must be >= 0, got {rate}")
@@ -341,6 +393,8 @@ class SorterSim:
             errors.append("jam_every and jam_secs must be >= 0")
         if security not in ("none", "sign_encrypt"):
             errors.append(f"security must be 'none' or 'sign_encrypt', got {security!r}")
+        if timestamp_resolution_ms < 0 or sampling_ms < 0 or warmup_cartons < 0:
+            errors.append("timestamp_resolution_ms, sampling_ms and warmup_cartons must be >= 0")
         if errors:
             raise ValueError("; ".join(errors))
         self.host = host
@@ -362,6 +416,19 @@ class SorterSim:
         self._tmp_cert_dir: Path | None = None
         self.ground_truth_path = Path(ground_truth_path) if ground_truth_path else None
         self.tracking_prefix = tracking_prefix
+        self.timestamp_resolution_ms = timestamp_resolution_ms
+        self.clock_offset_secs = clock_offset_secs
+        self.clock_drift_ppm = clock_drift_ppm
+        self.sampling_ms = sampling_ms
+        self.events = events
+        self.warmup_cartons = warmup_cartons
+        self._clock_origin: float | None = None
+        self._divert_log: list[dict[str, Any]] = []
+        self._induct_log: list[dict[str, Any]] = []
+        self._evgens: dict[str, Any] = {}
+        # Sampled mode: per variable (value, device time of its last change, written?).
+        self._staged: dict[str, tuple[Any, dt.datetime, bool]] = {}
+        self._sampler: asyncio.Task[None] | None = None
 
         self._values: dict[str, Any] = {k: v for k, (_, v) in VARIABLES.items()}
         self._cartons: list[Carton] = []
@@ -419,17 +486,22 @@ class SorterSim:
             raise RuntimeError("already started")
         if self.port == 0:
             self.port = _free_port(self.host)
+        for _ in range(self.warmup_cartons):  # inducted before anyone could subscribe
+            await self._induct(self._plan_carton(len(self._cartons)))
         await self._start_server()
         await self._publish({"Sorter1.State.Running": True})
         self._task = asyncio.create_task(self._run(), name="opcua-sorter")
+        if self.sampling_ms > 0:
+            self._sampler = asyncio.create_task(self._sample(), name="opcua-sorter-sampler")
 
     async def stop(self) -> None:
         """Stop the line and the server; write the ground truth if a path was given."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._sampler = None
         async with self._lock:
             await self._stop_server()
         self._write_ground_truth()
@@ -508,6 +580,25 @@ class SorterSim:
     def carton(self, tracking_id: str) -> Carton:
         return self._by_tracking[tracking_id]
 
+    def diverts(self) -> list[dict[str, Any]]:
+        """Every divert confirmation in order: {count, tracking_id, lane, disposition}."""
+        return list(self._divert_log)
+
+    def inducts(self) -> list[dict[str, Any]]:
+        """Every induct in order: {count, tracking_id, barcode, read}."""
+        return list(self._induct_log)
+
+    def device_time(self) -> dt.datetime:
+        """The device clock: the host's, offset and drifting, truncated to the resolution."""
+        now = time.time()
+        if self._clock_origin is None:
+            self._clock_origin = now
+        t = now + self.clock_offset_secs + (now - self._clock_origin) * self.clock_drift_ppm * 1e-6
+        res = self.timestamp_resolution_ms
+        if res > 0:
+            t = math.floor(t * 1000 / res) * res / 1000
+        return dt.datetime.fromtimestamp(t, dt.UTC)
+
     def value(self, name: str) -> Any:
         """Current value of a variable by its dotted name, e.g. ``Sorter1.Divert.Count``."""
         return self._values[name]
@@ -559,6 +650,21 @@ class SorterSim:
         sorter = server.get_node(ua.NodeId("Sorter1", idx))
         await sorter.set_event_notifier([ua.EventNotifier.SubscribeToEvents])
         self._evgen = await server.get_event_generator(ua.ObjectIds.BaseEventType, sorter)
+        # The consistent form: one custom event per induct, divert and scanner read.
+        base = server.get_node(ua.ObjectIds.BaseEventType)
+        self._evgens = {}
+        for type_name, props in EVENT_TYPES.items():
+            etype = await base.add_object_type(ua.NodeId(type_name, idx),
+                                               ua.QualifiedName(type_name, idx))
+            for prop, vtype in props:
+                await etype.add_property(ua.NodeId(f"{type_name}.{prop}", idx),
+                                         ua.QualifiedName(prop, idx),
+                                         ua.get_default_value(vtype), varianttype=vtype)
+            notifier = server.get_node(ua.NodeId(EVENT_NOTIFIERS[type_name], idx))
+            gen = await server.get_event_generator(etype, notifier)
+            gen.event.Message = ua.LocalizedText(type_name.removesuffix("EventType"))
+            gen.event.Severity = 100
+            self._evgens[type_name] = gen
         # The listening socket of the previous server may linger for a moment.
         for attempt in range(50):
             try:
@@ -595,17 +701,65 @@ class SorterSim:
             await server.stop()
             log.info("sorter server stopped endpoint=%s", self.endpoint)
 
-    async def _publish(self, changes: dict[str, Any]) -> None:
-        """Record values and write them to the server (if up) in the given order."""
-        async with self._lock:
-            self._values.update(changes)
-            if self._server is None:
-                return
-            now = dt.datetime.now(dt.UTC)
+    async def _publish(self, changes: dict[str, Any],
+                       event: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Record values and write them to the server (if up) in the given order, stamped
+        by the device clock; then raise `event` (type name, properties) if given. Sampled
+        mode: the values wait for the sampler instead. While a restart has the server down,
+        the line holds: this waits until it serves again."""
+        while True:
+            async with self._lock:
+                if not self._down:
+                    await self._publish_now(changes, event)
+                    return
+            await asyncio.sleep(TICK_SECS)
+
+    async def _publish_now(self, changes: dict[str, Any],
+                           event: tuple[str, dict[str, Any]] | None) -> None:
+        self._values.update(changes)
+        if self._server is None:
+            return
+        now = self.device_time()
+        if self.sampling_ms > 0:
             for name, value in changes.items():
-                vtype = VARIABLES[name][0]
-                dv = ua.DataValue(ua.Variant(value, vtype), SourceTimestamp=now, ServerTimestamp=now)
-                await self._server.write_attribute_value(ua.NodeId(name, self._ns_idx), dv)
+                self._staged[name] = (value, now, False)
+        else:
+            for name, value in changes.items():
+                await self._write(name, value, now)
+        if event is not None and self.events:
+            gen = self._evgens[event[0]]
+            for prop, value in event[1].items():
+                setattr(gen.event, prop, value)
+            await gen.trigger(time_attr=now)
+
+    async def _write(self, name: str, value: Any, source_time: dt.datetime) -> None:
+        assert self._server is not None
+        vtype = VARIABLES[name][0]
+        dv = ua.DataValue(ua.Variant(value, vtype), SourceTimestamp=source_time,
+                          ServerTimestamp=self.device_time())
+        await self._server.write_attribute_value(ua.NodeId(name, self._ns_idx), dv)
+
+    async def _sample(self) -> None:
+        """Sampled mode: each variable is sampled on its own clock (a seeded phase) every
+        `sampling_ms`; only its latest value is reported, with the time it changed."""
+        loop = asyncio.get_running_loop()
+        period = self.sampling_ms / 1000
+        rng = random.Random(f"{self.seed}:sampler")
+        start = loop.time()
+        next_at = {name: start + rng.random() * period for name in VARIABLES}
+        while True:
+            await asyncio.sleep(max(min(next_at.values()) - loop.time(), 0.001))
+            now = loop.time()
+            async with self._lock:
+                for name, t in next_at.items():
+                    if t > now:
+                        continue
+                    next_at[name] = t + period if t + period > now else now + period
+                    staged = self._staged.get(name)
+                    if staged is None or staged[2] or self._server is None:
+                        continue
+                    self._staged[name] = (staged[0], staged[1], True)
+                    await self._write(name, staged[0], staged[1])
 
     def _write_ground_truth(self) -> None:
         if self.ground_truth_path is not None:
@@ -651,15 +805,23 @@ class SorterSim:
         self._by_tracking[carton.tracking_id] = carton
         self._schedule(carton, self.travel_secs)
         seen = carton.barcode if carton.read else ""
+        scan_count = self._values["Scanner1.LastRead.Count"] + 1
+        count = self._values["Sorter1.Induct.Count"] + 1
+        self._induct_log.append({"count": count, "tracking_id": carton.tracking_id,
+                                 "barcode": seen, "read": carton.read})
         await self._publish({
             "Scanner1.LastRead.Barcode": seen,
             "Scanner1.LastRead.TrackingId": carton.tracking_id,
             "Scanner1.LastRead.NoRead": not carton.read,
-            "Scanner1.LastRead.Count": self._values["Scanner1.LastRead.Count"] + 1,
+            "Scanner1.LastRead.Count": scan_count,
+        }, ("ScannerReadEventType", {"Barcode": seen, "TrackingId": carton.tracking_id,
+                                     "NoRead": not carton.read, "Count": scan_count}))
+        await self._publish({
             "Sorter1.Induct.TrackingId": carton.tracking_id,
             "Sorter1.Induct.Barcode": seen,
-            "Sorter1.Induct.Count": self._values["Sorter1.Induct.Count"] + 1,
-        })
+            "Sorter1.Induct.Count": count,
+        }, ("InductedEventType", {"TrackingId": carton.tracking_id, "Barcode": seen,
+                                  "Count": count}))
         if self.jam_every and len(self._cartons) % self.jam_every == 0:
             await self._jam()
 
@@ -676,23 +838,28 @@ class SorterSim:
             lane = NO_LANE
         else:
             lane = REJECT_LANE
-        carton.dispositions.append(disposition)
-        carton.lanes.append(lane)
-        if not carton.done:
-            self._schedule(carton, self.recirc_secs)
+        count = self._values["Sorter1.Divert.Count"] + 1
         await self._publish({
             "Sorter1.Divert.TrackingId": carton.tracking_id,
             "Sorter1.Divert.Lane": lane,
             "Sorter1.Divert.Disposition": int(disposition),
-            "Sorter1.Divert.Count": self._values["Sorter1.Divert.Count"] + 1,
-        })
+            "Sorter1.Divert.Count": count,
+        }, ("DivertConfirmedEventType", {"TrackingId": carton.tracking_id, "Lane": lane,
+                                         "Disposition": int(disposition), "Count": count}))
+        # Done (in the ground truth) only once the server has said so.
+        self._divert_log.append({"count": count, "tracking_id": carton.tracking_id,
+                                 "lane": lane, "disposition": disposition.label})
+        carton.dispositions.append(disposition)
+        carton.lanes.append(lane)
+        if not carton.done:
+            self._schedule(carton, self.recirc_secs)
 
     async def alarm(self, message: str, severity: int = 800) -> None:
         """Raise an OPC UA event on Sorter1 (as the PLC does on a jam)."""
         if self._server is not None and getattr(self, "_evgen", None) is not None:
             self._evgen.event.Message = ua.LocalizedText(message)
             self._evgen.event.Severity = severity
-            await self._evgen.trigger()
+            await self._evgen.trigger(time_attr=self.device_time())
 
     async def _jam(self) -> None:
         self._jammed_until = asyncio.get_running_loop().time() + self.jam_secs
@@ -745,6 +912,27 @@ class SorterSim:
 
 # --- CLI ------------------------------------------------------------------------------
 
+def add_realism_args(p: argparse.ArgumentParser) -> None:
+    """The realism switches (module docstring), shared with ``simulators.sorter_operator``."""
+    p.add_argument("--timestamp-resolution-ms", type=float, default=1.0,
+                   help="SourceTimestamp resolution; 0: full")
+    p.add_argument("--clock-offset-secs", type=float, default=2.0, help="device clock offset")
+    p.add_argument("--clock-drift-ppm", type=float, default=50.0, help="device clock drift")
+    p.add_argument("--sampling-ms", type=float, default=0.0,
+                   help="sample each variable at this interval; 0: exception-based")
+    p.add_argument("--no-events", action="store_true",
+                   help="no induct/divert/scan OPC UA events (variables only)")
+    p.add_argument("--warmup-cartons", type=int, default=0,
+                   help="cartons inducted at start, before serving")
+
+
+def realism_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"timestamp_resolution_ms": args.timestamp_resolution_ms,
+            "clock_offset_secs": args.clock_offset_secs, "clock_drift_ppm": args.clock_drift_ppm,
+            "sampling_ms": args.sampling_ms, "events": not args.no_events,
+            "warmup_cartons": args.warmup_cartons}
+
+
 def _parse_users(values: Sequence[str]) -> dict[str, str]:
     users = {}
     for v in values:
@@ -764,7 +952,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         host=args.host, port=args.port, rate=args.rate, seed=args.seed, lanes=args.lanes,
         travel_secs=args.travel_secs, jam_every=args.jam_every, jam_secs=args.jam_secs,
         security=args.security, users=_parse_users(args.user), cert_dir=args.cert_dir,
-        ground_truth_path=args.ground_truth,
+        ground_truth_path=args.ground_truth, **realism_kwargs(args),
     )
     async with sim:
         ready = f"READY sorter endpoint={sim.endpoint} ns={sim.namespace_index}"
@@ -791,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cert-dir", type=Path, help="server certificate and key, made if missing")
     p.add_argument("--ground-truth", type=Path, help="write every carton here as JSON on exit")
     p.add_argument("--log-level", default="WARNING")
+    add_realism_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -23,7 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .opcua_sorter import SorterSim
+from .opcua_sorter import SorterSim, add_realism_args, realism_kwargs
 
 DONE_POLL_SECS = 0.05
 
@@ -35,7 +35,7 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     sim = SorterSim(
         port=args.port, rate=args.rate, seed=args.seed, travel_secs=args.travel_secs,
-        ground_truth_path=args.ground_truth,
+        ground_truth_path=args.ground_truth, **realism_kwargs(args),
     )
     if args.wait_go:
         sim.pause()
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ground-truth", type=Path, help="write every carton here as JSON on exit")
     p.add_argument("--wait-go", action="store_true", help="keep the induct closed until `go`")
     p.add_argument("--log-level", default="WARNING")
+    add_realism_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

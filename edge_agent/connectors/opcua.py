@@ -3,19 +3,61 @@
 One connector per device (server). At every connect it resolves each signal's node by
 namespace URI or browse path (namespace indexes may change between connects), checks that
 every node exists (a missing one is a clear error naming it), creates one subscription and
-its monitored items in batches, and reads ``mode: poll`` signals at their interval.
+its monitored items in batches, and reads ``mode: poll`` signals at their interval. Health
+turns "online" only once the subscription and all its monitored items exist: from then on
+every change is reported, so "online since" is when the device became covered; the current
+values a server sends first only set the baseline and never make events.
 
 Self-healing: asyncua's own watchdog probes the session; on a loss (server restart, network
 drop, failed secure channel renewal) the connector raises ``NotConnected`` and the
 supervisor reconnects with backoff, resolving nodes and recreating the subscription anew.
 The triggers' state lives on the connector across reconnects, so the current values a
-server re-sends after a reconnect only set the baseline and never make duplicate events.
+server re-sends after a reconnect never make duplicate events (a counter that moved on
+while we were away makes one event for its current value, with the steps missed reported
+as a counter gap).
 
-Consistency of an event's fields: each publish response is replayed in source-time order,
-so fields a server writes before (or with) the trigger are read as of that trigger, even
-when several triggers come in one batch. A server that *samples* independent variables on
-their own clocks can report a trigger before the fields that go with it; such data needs a
-structure variable or an OPC UA event to be consistent (not handled here yet).
+**Binding fields to a trigger (``fields_from: notifications``, the default).** Each publish
+response is handled whole, in the order the server put it (a subclass of asyncua's
+Subscription takes the response itself: no task per notification). Only the order *within
+one monitored item's queue* is meaningful (servers group notifications per item; asyncua's
+server does), and SourceTimestamps are no order at all (a PLC stamps milliseconds, so
+several writes share one): binding by sorting timestamps gave other cartons' fields. So for
+each event, the trigger item's notifications in a response are its steps, in order; each
+field item's notifications since the previous step (carried across responses when a
+response has none of the trigger's) are matched to them:
+
+- as many field notifications as trigger notifications: pairwise, in queue order;
+- none: the field did not change, every step has its current value;
+- any other count, a queue overflow (the Overflow bit), or no value known yet: the binding
+  is ambiguous, and the connector does not guess: each step that fires is reported as
+  ``bad_payload(..., "inconsistent_snapshot", ...)`` instead of an event with wrong fields.
+
+Field items are monitored with DataChangeTrigger StatusValueTimestamp, so a field written
+again with the same value for the next step still counts (unless it shares the previous
+write's millisecond too: then the counts differ and it is reported). This is exact for an
+exception-based server that writes each field once per step before the trigger; a
+*sampling* server (it skips intermediate values, samples items on their own clocks) or a
+device that writes a field twice per step cannot be bound from data changes: such steps
+are reported as inconsistent, and the profile should take a consistent form:
+
+- ``opcua_event``: an OPC UA event that carries all the fields (a custom event type such as
+  DivertConfirmedEventType with TrackingId/Lane/Disposition/Count properties); one
+  notification, consistent by construction; ``sequence`` names a counter property for
+  identity and gap reports. The preferred form where the server has one.
+- ``fields_from: read``: when the trigger fires, one Read of the trigger and field nodes;
+  the fields are taken only if the trigger still has the value (and SourceTimestamp) that
+  fired, else ``inconsistent_snapshot`` (the trigger moved on). Consistent for servers that
+  update a record atomically with respect to a Read (a PLC scan); a device that writes the
+  next record's fields before its trigger can still race it.
+
+**Time and identity.** A data-change event's time is the trigger's SourceTimestamp (else
+its ServerTimestamp, else arrival); an OPC UA event's time is its ``Time`` property (else
+ReceiveTime, else arrival). Device times are passed on as the device said them (never
+clamped here: the rules engine handles clocks that are far off, per device);
+``received_at`` is the agent's clock. A message id comes from what the device said: a
+counter's value; an OPC UA event's ``sequence`` property, else its EventId; for other
+triggers the trigger's SourceTimestamp, value and field values, so the same notification
+seen again (after a reconnect, or by a restarted agent) has the same id.
 """
 
 from __future__ import annotations
@@ -24,9 +66,12 @@ import asyncio
 import hashlib
 import logging
 import socket
+import time
+from collections import deque
 from typing import Any
 
 from asyncua import Client, Node, ua
+from asyncua.common.events import Event, get_filter_from_event_type
 from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
@@ -37,7 +82,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from ..config import OpcuaConnection
 from ..errors import NotConnected, RetriableError
 from ..events import DeviceEvent
-from ..profiles_opcua import NODE_RE, OpcuaProfile
+from ..profiles_opcua import NODE_RE, OpcuaEvent, OpcuaProfile
 from ..rules.engine import Ingest
 from ..runtime.clock import Clock
 from ..runtime.supervisor import Health
@@ -51,6 +96,10 @@ POLICIES = {
     "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
     "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
 }
+OVERFLOW = 0x0480  # StatusCode InfoType DataValue + Overflow: the item's queue lost values
+MAX_PENDING = 10_000  # field notifications kept per event while its trigger is quiet
+MAX_READS = 10_000  # fired triggers waiting for their Read (fields_from: read)
+UNKNOWN = object()  # a field with no value since the subscription was made
 
 
 def _der(data: bytes) -> bytes:
@@ -60,15 +109,95 @@ def _der(data: bytes) -> bytes:
     return data
 
 
+def _overflowed(dv: ua.DataValue) -> bool:
+    sc = dv.StatusCode
+    return sc is not None and (getattr(sc, "value", 0) & OVERFLOW) == OVERFLOW
+
+
+def _stamp(dv: ua.DataValue | None) -> Any:
+    """The device's time of a value: SourceTimestamp, else ServerTimestamp (datetime)."""
+    if dv is None:
+        return None
+    return dv.SourceTimestamp or dv.ServerTimestamp
+
+
+def _fill(current: Any, pending: list[Any], k: int) -> list[Any]:
+    """The field's value at each of k steps, from fewer notifications (m < k): a server
+    does not report a write of the value (and timestamp) the field already had, so the k - m
+    unreported steps each repeat the value before them, at unknown places. Step i (1-based)
+    then had one of ``([current] + pending)[max(0, i - d) : min(i, m) + 1]`` (d = k - m):
+    known where those are all one value, else UNKNOWN. With no notification at all, every
+    step had the current value."""
+    seq = [current, *pending]
+    m, d = len(pending), k - len(pending)
+    out = []
+    for i in range(1, k + 1):
+        cands = seq[max(0, i - d) : min(i, m) + 1]
+        first = cands[0]
+        out.append(first if first is not UNKNOWN and all(x == first for x in cands) else UNKNOWN)
+    return out
+
+
 class _Watcher:
-    def __init__(self, name: str, profile: OpcuaProfile):
-        spec = profile.events[name]
+    """An event from a trigger on a signal, with its fields' binding state."""
+
+    def __init__(self, name: str, spec: OpcuaEvent):
         t = spec.trigger
+        assert t is not None
         self.name = name
         self.signal = t.signal
         self.kind = t.kind
         self.watch = Watch(t.kind, modulus=t.modulus, deadband=t.deadband)
-        self.fields = dict(spec.fields)
+        self.fields = dict(spec.fields)  # event field -> signal
+        self.read = spec.fields_from == "read"
+        self.inconsistent = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new subscription: nothing is known of the fields until its first values."""
+        self.pending: dict[str, list[Any]] = {f: [] for f in self.fields}
+        self.current: dict[str, Any] = dict.fromkeys(self.fields, UNKNOWN)
+        self.lost: set[str] = set()
+
+
+class _EventSource:
+    """An event (or alarm) taken from OPC UA events of one notifier and type."""
+
+    def __init__(self, name: str, fields: dict[str, str], *, notifier: str, type_: str | None,
+                 sequence: str | None = None, modulus: int = 2**32, queue_size: int = 10_000,
+                 enums: dict[str, dict[int, str]] | None = None):
+        self.name = name
+        self.fields = fields  # event field -> property
+        self.notifier = notifier
+        self.type = type_
+        self.sequence = sequence
+        self.modulus = modulus
+        self.queue_size = queue_size
+        self.enums = enums or {}
+        self.last_seq: int | None = None
+        self.missed_total = 0
+        self.index: dict[str, int] = {}  # property -> position in the select clauses
+
+
+class _Ordered(Subscription):
+    """asyncua's Subscription, but a publish response goes to the connector whole and in
+    the server's order, in the publish loop (asyncua would make a task per notification)."""
+
+    def __init__(self, session: Any, params: ua.CreateSubscriptionParameters,
+                 owner: OpcuaConnector):
+        super().__init__(session, params, owner)
+        self._owner = owner
+
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        self.last_publish_at = time.monotonic()
+        msg = publish_result.NotificationMessage
+        if not msg.NotificationData:
+            return
+        self.last_sequence_number = int(msg.SequenceNumber)
+        try:
+            self._owner._publish(msg.NotificationData)
+        except Exception:  # a bug here must not kill the publish loop unseen
+            log.exception("%s: failed to handle a publish response", self._owner.name)
 
 
 class OpcuaConnector:
@@ -78,22 +207,30 @@ class OpcuaConnector:
         self.conn = conn
         self.profile = profile
         self.clock = clock
-        self.watchers = [_Watcher(n, profile) for n in profile.events]
-        self.by_signal: dict[str, list[_Watcher]] = {}
-        for w in self.watchers:
-            self.by_signal.setdefault(w.signal, []).append(w)
+        self.watchers = [_Watcher(n, e) for n, e in profile.events.items() if e.trigger is not None]
+        self.sources = [
+            _EventSource(n, dict(e.fields), notifier=e.opcua_event.notifier, type_=e.opcua_event.type,
+                         sequence=e.opcua_event.sequence, modulus=e.opcua_event.modulus,
+                         queue_size=e.opcua_event.queue_size, enums=e.enums)
+            for n, e in profile.events.items() if e.opcua_event is not None
+        ] + [
+            # Alarms: every event of the notifier (BaseEventType), identified by EventId.
+            _EventSource(n, dict(a.fields), notifier=a.source, type_=None)
+            for n, a in profile.alarms.items()
+        ]
         self.values: dict[str, Any] = {}
         self.health = Health()
         self.notifications = 0
         self.client: Client | None = None
         self.ingest: Ingest | None = None
-        self._batch: list[tuple[float, bool, str, Any]] = []
-        self._scheduled = False
+        self._by_handle: dict[int, str] = {}
+        self._source_by_handle: dict[int, _EventSource] = {}
+        self._reads: deque[tuple[_Watcher, Any, ua.DataValue, float]] = deque()
+        self._read_wake = asyncio.Event()
         self._lost: asyncio.Future[None] | None = None
         self._stopping = False
         self._warned_blind_trust = False
-        self._alarm_nodes: dict[str, Node] = {}
-        self._alarm_by_source: dict[Any, str] = {}
+        self._source_nodes: dict[str, Node] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -111,6 +248,7 @@ class OpcuaConnector:
             if c.password_file:
                 client.set_password(c.password_file.read_text(encoding="utf-8").strip())
         self.client = client
+        tasks: list[asyncio.Task[None]] = []
         try:
             if c.user_certificate is not None and c.user_private_key is not None:
                 # asyncua names these "client" but they are the X509 *user* identity token.
@@ -123,17 +261,20 @@ class OpcuaConnector:
             except (OSError, TimeoutError, ua.UaError, asyncio.TimeoutError) as exc:
                 raise NotConnected(f"{self.name}: cannot connect to {c.endpoint}: {exc!r}") from exc
             nodes = await self._resolve(client)
+            self._reads.clear()
             sub = await self._subscribe(client, nodes)
+            # Covered from here on: every change after this is reported to us.
             self.health.set("online")
             log.info("%s online: %d signals, subscription %s", self.name, len(nodes), sub.subscription_id)
             polled = {n: nodes[n] for n, s in self.profile.signals.items() if s.mode == "poll"}
-            poll_task = asyncio.create_task(self._poll(polled)) if polled else None
-            try:
-                await self._lost
-            finally:
-                if poll_task:
-                    poll_task.cancel()
+            if polled:
+                tasks.append(asyncio.create_task(self._poll(polled)))
+            if any(w.read for w in self.watchers):
+                tasks.append(asyncio.create_task(self._reader(client, nodes)))
+            await self._lost
         finally:
+            for t in tasks:
+                t.cancel()
             self.client = None
             try:
                 await asyncio.wait_for(client.disconnect(), 2)
@@ -229,68 +370,74 @@ class OpcuaConnector:
         nodes: dict[str, Node] = {}
         for name, s in self.profile.signals.items():
             nodes[name] = await locate(f"signal '{name}'", s.node or s.path or "")
-        self._alarm_nodes = {name: await locate(f"alarm '{name}'", a.source)
-                             for name, a in self.profile.alarms.items()}
-        # One batched read proves every node exists (and gives the first values).
-        results = await client.read_attributes(list(nodes.values()), ua.AttributeIds.NodeClass)
-        missing = [n for n, r in zip(nodes, results, strict=True) if not r.StatusCode.is_good()]
+        self._source_nodes = {}
+        for src in self.sources:
+            self._source_nodes[src.name] = await locate(f"event '{src.name}' notifier", src.notifier)
+            if src.type is not None:
+                self._source_nodes[f"{src.name}/type"] = await locate(f"event '{src.name}' type",
+                                                                      src.type)
+        # One batched read proves every node exists.
+        named = {**{f"signal '{n}' ({s.node or s.path})": nodes[n]
+                    for n, s in self.profile.signals.items()},
+                 **{f"event node {k}": v for k, v in self._source_nodes.items()}}
+        results = await client.read_attributes(list(named.values()), ua.AttributeIds.NodeClass)
+        missing = [n for n, r in zip(named, results, strict=True) if not r.StatusCode.is_good()]
         if missing:
-            where = ", ".join(f"{n} ({self.profile.signals[n].node or self.profile.signals[n].path})"
-                              for n in missing)
-            raise RetriableError(f"{self.name}: nodes not found on the server: {where}")
+            raise RetriableError(f"{self.name}: nodes not found on the server: {', '.join(missing)}")
         return nodes
 
     async def _subscribe(self, client: Client, nodes: dict[str, Node]) -> Subscription:
         p = self.profile
-        sub = await client.create_subscription(p.publishing_interval_ms, self)
-        self._by_handle: dict[int, str] = {}
-        names = [n for n, s in p.signals.items() if s.mode == "subscribe"]
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = p.publishing_interval_ms
+        params.RequestedLifetimeCount = 10000
+        params.RequestedMaxKeepAliveCount = client.get_keepalive_count(p.publishing_interval_ms)
+        params.MaxNotificationsPerPublish = 0  # no limit: a response is never cut in two
+        params.PublishingEnabled = True
+        params.Priority = 0
+        sub = _Ordered(client.uaclient.session, params, self)
+        await sub.init()
+        self._by_handle = {}
+        self._source_by_handle = {}
+        for w in self.watchers:
+            w.reset()
+        # Fields before triggers, so that first values are taken in one go where possible.
+        triggers = {w.signal for w in self.watchers}
+        names = [n for n, s in p.signals.items() if s.mode == "subscribe" and n not in triggers]
+        names += [n for n, s in p.signals.items() if s.mode == "subscribe" and n in triggers]
         for i in range(0, len(names), p.items_per_call):
             batch = names[i : i + p.items_per_call]
-            requests = [self._item_request(sub, n, nodes[n]) for n in batch]
+            requests = [self._item_request(n, nodes[n]) for n in batch]
             results = await sub.create_monitored_items(requests)
             bad = [f"{n} ({r})" for n, r in zip(batch, results, strict=True)
                    if isinstance(r, ua.StatusCode)]
             if bad:
                 raise RetriableError(f"{self.name}: server refused monitored items: {', '.join(bad)}")
-        self._alarm_by_source = {}
-        for name, node in self._alarm_nodes.items():
-            await sub.subscribe_events(sourcenode=node, evtypes=ua.ObjectIds.BaseEventType)
-            self._alarm_by_source[node.nodeid] = name
+        for src in self.sources:
+            req = await self._event_request(client, src)
+            results = await sub.create_monitored_items([req])
+            if isinstance(results[0], ua.StatusCode):
+                raise RetriableError(f"{self.name}: server refused events of '{src.name}' "
+                                     f"({src.notifier}): {results[0]}")
         return sub
 
-    def event_notification(self, event: Any) -> None:
-        """An OPC UA event (alarm, AutoID read) from a notifier a profile alarm names."""
-        name = self._alarm_by_source.get(getattr(event, "SourceNode", None))
-        if name is None and len(self._alarm_by_source) == 1:
-            name = next(iter(self._alarm_by_source.values()))
-        if name is None or self.ingest is None:
-            return
-        fields: dict[str, Any] = {}
-        for field, prop in self.profile.alarms[name].fields.items():
-            v = getattr(event, prop, None)
-            fields[field] = v.Text if isinstance(v, ua.LocalizedText) else v
-        now = self.clock.now()
-        event_id = getattr(event, "EventId", b"") or b""
-        # The server's EventId identifies the event: a re-sent one is dropped as a duplicate.
-        ident = event_id.hex() if isinstance(event_id, bytes) else str(event_id)
-        self.ingest.device_event(
-            DeviceEvent(self.device, name, fields, now, now, f"{self.device}/{name}/{ident}"), None
-        )
+    def _handle(self) -> int:
+        return len(self._by_handle) + len(self._source_by_handle) + 1  # our subscription: our handles
 
-    def _item_request(self, _sub: Subscription, name: str, node: Node) -> ua.MonitoredItemCreateRequest:
+    def _item_request(self, name: str, node: Node) -> ua.MonitoredItemCreateRequest:
         s = self.profile.signals[name]
         params = ua.MonitoringParameters()
-        params.ClientHandle = len(self._by_handle) + 1  # our subscription: our handles
+        params.ClientHandle = self._handle()
         params.SamplingInterval = s.sampling_interval_ms
         params.QueueSize = s.queue_size
         params.DiscardOldest = s.discard_oldest
+        f = ua.DataChangeFilter()
+        f.Trigger = (ua.DataChangeTrigger.StatusValueTimestamp if s.trigger_on_timestamp
+                     else ua.DataChangeTrigger.StatusValue)
         if s.deadband is not None:
-            f = ua.DataChangeFilter()
-            f.Trigger = ua.DataChangeTrigger.StatusValue
             f.DeadbandType = 1 if s.deadband.kind == "absolute" else 2
             f.DeadbandValue = s.deadband.value
-            params.Filter = f
+        params.Filter = f
         rv = ua.ReadValueId()
         rv.NodeId = node.nodeid
         rv.AttributeId = ua.AttributeIds.Value
@@ -301,6 +448,35 @@ class OpcuaConnector:
         self._by_handle[params.ClientHandle] = name
         return req
 
+    async def _event_request(self, client: Client, src: _EventSource) -> ua.MonitoredItemCreateRequest:
+        if src.type is None:  # every event: no where clause (some servers choke on long ones)
+            evfilter = await get_filter_from_event_type(
+                [client.get_node(ua.ObjectIds.BaseEventType)], where_clause_generation=False)
+        else:
+            evfilter = await get_filter_from_event_type([self._source_nodes[f"{src.name}/type"]])
+        src.index = {Event.browse_path_to_attribute_name(c.BrowsePath): i
+                     for i, c in enumerate(evfilter.SelectClauses) if c.BrowsePath}
+        wanted = [*src.fields.values(), *([src.sequence] if src.sequence else [])]
+        absent = [prop for prop in wanted if prop not in src.index]
+        if absent:
+            raise RetriableError(f"{self.name}: event '{src.name}': the event type {src.type} "
+                                 f"has no propert{'y' if len(absent) == 1 else 'ies'} "
+                                 f"{', '.join(absent)}")
+        params = ua.MonitoringParameters()
+        params.ClientHandle = self._handle()
+        params.QueueSize = src.queue_size
+        params.DiscardOldest = False
+        params.Filter = evfilter
+        rv = ua.ReadValueId()
+        rv.NodeId = self._source_nodes[src.name].nodeid
+        rv.AttributeId = ua.AttributeIds.EventNotifier
+        req = ua.MonitoredItemCreateRequest()
+        req.ItemToMonitor = rv
+        req.MonitoringMode = ua.MonitoringMode.Reporting
+        req.RequestedParameters = params
+        self._source_by_handle[params.ClientHandle] = src
+        return req
+
     async def _poll(self, nodes: dict[str, Node]) -> None:
         names, node_list = list(nodes), list(nodes.values())
         while True:
@@ -309,69 +485,227 @@ class OpcuaConnector:
             if client is None:
                 return
             try:
-                values = await client.read_values(node_list)
+                dvs = await client.read_attributes(node_list, ua.AttributeIds.Value)
             except (ua.UaError, OSError, TimeoutError) as exc:
                 log.warning("%s: polled read failed: %s", self.name, exc)
                 continue
-            for n, v in zip(names, values, strict=True):
-                self._changed(n, v)  # one read: fields and triggers of the same instant
+            # One read: fields and triggers of the same instant, one notification each.
+            self._apply({n: [dv] for n, dv in zip(names, dvs, strict=True)}, self.clock.now())
 
-    # --- notifications (asyncua calls these on the event loop) ------------------------------
+    # --- notifications (one publish response at a time, in the publish loop) ---------------
 
-    def datachange_notification(self, node: Node, val: Any, data: Any) -> None:
-        name = self._by_handle.get(data.subscription_data.client_handle)
-        if name is None:
-            return
-        self.notifications += 1
-        dv = data.monitored_item.Value
-        ts = dv.SourceTimestamp or dv.ServerTimestamp
-        self._batch.append((ts.timestamp() if ts else 0.0, name in self.by_signal, name, val))
-        if not self._scheduled:
-            # Replay the whole publish response at once, in source-time order: a counter and
-            # the fields written just before it often come in one batch, and a queued
-            # counter may carry several steps whose fields must be matched to each step.
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._replay)
+    def _publish(self, data: list[Any]) -> None:
+        for nd in data:
+            if isinstance(nd, ua.DataChangeNotification):
+                per: dict[str, list[ua.DataValue]] = {}
+                by_handle = self._by_handle
+                for item in nd.MonitoredItems:
+                    name = by_handle.get(item.ClientHandle)
+                    if name is not None:
+                        per.setdefault(name, []).append(item.Value)
+                self.notifications += len(nd.MonitoredItems)
+                self._apply(per, self.clock.now())
+            elif isinstance(nd, ua.EventNotificationList):
+                now = self.clock.now()
+                for efl in nd.Events:
+                    src = self._source_by_handle.get(efl.ClientHandle)
+                    if src is not None:
+                        self.notifications += 1
+                        self._event(src, efl.EventFields, now)
+            elif isinstance(nd, ua.StatusChangeNotification):
+                self.status_change_notification(nd)
 
     def status_change_notification(self, status: Any) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_exception(NotConnected(f"{self.name}: subscription status {status}"))
 
-    def _replay(self) -> None:
-        self._scheduled = False
-        batch, self._batch = self._batch, []
-        # Fields before triggers at the same instant (False sorts first); stable otherwise.
-        batch.sort(key=lambda b: (b[0], b[1]))
-        for _, _, name, val in batch:
-            self._changed(name, val)
-
-    def _changed(self, name: str, val: Any) -> None:
+    def _decode(self, name: str, dv: ua.DataValue) -> Any:
+        val = dv.Value.Value if dv.Value is not None else None
         enum = self.profile.signals[name].enum
-        v = enum.get(val, f"unknown({val})") if enum and isinstance(val, int) else val
-        self.values[name] = v
-        for w in self.by_signal.get(name, ()):
-            self._observe(w, v)
+        return enum.get(val, f"unknown({val})") if enum and isinstance(val, int) else val
 
-    def _observe(self, w: _Watcher, v: Any) -> None:
+    def _apply(self, per: dict[str, list[ua.DataValue]], now: float) -> None:
+        """One batch of notifications (a publish response, or one poll), per signal in queue
+        order: bind each event's field notifications to its trigger's, then observe."""
+        vals = {name: [self._decode(name, dv) for dv in dvs] for name, dvs in per.items()}
+        for name, vs in vals.items():
+            self.values[name] = vs[-1]
+        for w in self.watchers:
+            trig = per.get(w.signal)
+            if trig:
+                self._bind(w, trig, vals[w.signal], per, vals, now)
+                continue
+            for f, sig in w.fields.items():  # fields before their trigger: carried over
+                got = vals.get(sig)
+                if got:
+                    pending = w.pending[f]
+                    pending.extend(got)
+                    if len(pending) > MAX_PENDING or any(_overflowed(dv) for dv in per[sig]):
+                        del pending[:-MAX_PENDING]
+                        w.lost.add(f)
+
+    def _bind(self, w: _Watcher, trig: list[ua.DataValue], tvals: list[Any],
+              per: dict[str, list[ua.DataValue]], vals: dict[str, list[Any]], now: float) -> None:
         ingest = self.ingest
         assert ingest is not None
-        last = w.watch.last
-        fire, missed = w.watch.observe(v)
-        if missed:
-            ingest.bad_payload(self.device, f"{w.name}:{w.signal}", "counter_gap",
-                               f"{missed} event(s) missed: {last} -> {v}", b"", None)
-        if fire:
-            now = self.clock.now()
-            fields = {f: self.values.get(s) for f, s in w.fields.items()}
-            position = f"{v}" if w.kind == "counter" else f"{self.notifications}@{now!r}"
-            ingest.device_event(
-                DeviceEvent(self.device, w.name, fields, now, now, f"{self.device}/{w.name}/{position}"),
-                None,
-            )
+        k = len(tvals)
+        trig_lost = any(_overflowed(dv) for dv in trig) and w.kind != "counter"
+        columns: dict[str, list[Any]] = {}
+        why: dict[str, str] = {}
+        for f, sig in w.fields.items():
+            pending = w.pending[f]
+            got = vals.get(sig)
+            if got:
+                pending.extend(got)
+                if any(_overflowed(dv) for dv in per[sig]):
+                    w.lost.add(f)
+            if f in w.lost or trig_lost:
+                columns[f] = [UNKNOWN] * k
+                why[f] = f"{sig}: queue overflow"
+            elif len(pending) == k:
+                columns[f] = pending  # pairwise, in queue order
+            elif len(pending) < k:
+                columns[f] = _fill(w.current[f], pending, k)
+                why[f] = (f"{sig}: no value yet" if w.current[f] is UNKNOWN and not pending
+                          else f"{sig}: {len(pending)} notification(s) for {k} of {w.signal}")
+            else:
+                columns[f] = [UNKNOWN] * k
+                why[f] = f"{sig}: {len(pending)} notification(s) for {k} of {w.signal}"
+            if pending:
+                w.current[f] = pending[-1]
+                w.pending[f] = []
+        w.lost.clear()
+        for i, v in enumerate(tvals):
+            last = w.watch.last
+            fire, missed = w.watch.observe(v)
+            if missed:
+                ingest.bad_payload(self.device, f"{w.name}:{w.signal}", "counter_gap",
+                                   f"{missed} event(s) missed: {last} -> {v}", b"", None)
+            if not fire:
+                continue
+            if w.read:
+                self._queue_read(w, v, trig[i], now)
+                continue
+            fields = {f: col[i] for f, col in columns.items()}
+            unbound = [why[f] for f, x in fields.items() if x is UNKNOWN]
+            if unbound:
+                w.inconsistent += 1
+                ingest.bad_payload(self.device, f"{w.name}:{w.signal}", "inconsistent_snapshot",
+                                   f"{w.signal}={v!r}: fields not bound ({'; '.join(unbound)})",
+                                   b"", None)
+                continue
+            self._emit(w, v, trig[i], fields, now)
+
+    def _emit(self, w: _Watcher, v: Any, dv: ua.DataValue, fields: dict[str, Any], now: float) -> None:
+        assert self.ingest is not None
+        ts = _stamp(dv)
+        t = ts.timestamp() if ts is not None else now
+        if w.kind == "counter":
+            ident = f"{v}"
+        else:  # what the device said: the trigger's time and value, and the fields
+            digest = hashlib.sha256(repr((v, sorted(fields.items()))).encode()).hexdigest()[:16]
+            ident = f"{ts.isoformat() if ts is not None else '-'}#{digest}"
+        self.ingest.device_event(
+            DeviceEvent(self.device, w.name, fields, t, now, f"{self.device}/{w.name}/{ident}"), None
+        )
+
+    # --- fields_from: read ---------------------------------------------------------------
+
+    def _queue_read(self, w: _Watcher, v: Any, dv: ua.DataValue, now: float) -> None:
+        if len(self._reads) >= MAX_READS:
+            assert self.ingest is not None
+            w.inconsistent += 1
+            self.ingest.bad_payload(self.device, f"{w.name}:{w.signal}", "inconsistent_snapshot",
+                                    f"{w.signal}={v!r}: too many reads pending", b"", None)
+            return
+        self._reads.append((w, v, dv, now))
+        self._read_wake.set()
+
+    async def _reader(self, client: Client, nodes: dict[str, Node]) -> None:
+        """Reads the fields of fired triggers: one Read per event and wake-up, whatever
+        the number of steps waiting (only the latest can still be consistent)."""
+        while True:
+            await self._read_wake.wait()
+            self._read_wake.clear()
+            while self._reads:
+                waiting = list(self._reads)
+                self._reads.clear()
+                groups: dict[str, list[tuple[_Watcher, Any, ua.DataValue, float]]] = {}
+                for item in waiting:
+                    groups.setdefault(item[0].name, []).append(item)
+                for items in groups.values():
+                    await self._read_fields(client, nodes, items)
+
+    async def _read_fields(self, client: Client, nodes: dict[str, Node],
+                           items: list[tuple[_Watcher, Any, ua.DataValue, float]]) -> None:
+        ingest = self.ingest
+        assert ingest is not None
+        w = items[0][0]
+        sigs = list(w.fields.values())
+        try:
+            dvs = await client.read_attributes([nodes[w.signal], *(nodes[s] for s in sigs)],
+                                               ua.AttributeIds.Value)
+            problem = ""
+        except (ua.UaError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            dvs, problem = [], f"read failed: {exc!r}"
+        if dvs:
+            now_v, now_ts = self._decode(w.signal, dvs[0]), _stamp(dvs[0])
+            fields = {f: self._decode(sig, dv) for (f, sig), dv in zip(w.fields.items(), dvs[1:],
+                                                                        strict=True)}
+        for _, v, dv, t in items:
+            if dvs and v == now_v and (now_ts is None or _stamp(dv) in (None, now_ts)):
+                self._emit(w, v, dv, fields, t)
+                continue
+            w.inconsistent += 1
+            detail = problem or f"the trigger moved on to {now_v!r} before the fields were read"
+            ingest.bad_payload(self.device, f"{w.name}:{w.signal}", "inconsistent_snapshot",
+                               f"{w.signal}={v!r}: {detail}", b"", None)
+
+    # --- OPC UA events ---------------------------------------------------------------------
+
+    def _event(self, src: _EventSource, values: list[ua.Variant], now: float) -> None:
+        ingest = self.ingest
+        if ingest is None:
+            return
+        index = src.index
+
+        def prop(name: str) -> Any:
+            i = index.get(name)
+            if i is None or i >= len(values):
+                return None
+            v = values[i].Value
+            return v.Text if isinstance(v, ua.LocalizedText) else v
+
+        fields: dict[str, Any] = {}
+        for field, name in src.fields.items():
+            v = prop(name)
+            enum = src.enums.get(field)
+            fields[field] = enum.get(v, f"unknown({v})") if enum and isinstance(v, int) else v
+        when = prop("Time") or prop("ReceiveTime")
+        t = when.timestamp() if hasattr(when, "timestamp") else now
+        if src.sequence is not None:
+            seq = prop(src.sequence)
+            ident = f"{seq}"
+            if isinstance(seq, int):
+                last = src.last_seq
+                src.last_seq = seq
+                step = (seq - last) % src.modulus if last is not None else 1
+                if step > 1:
+                    src.missed_total += step - 1
+                    ingest.bad_payload(self.device, f"{src.name}:{src.sequence}", "counter_gap",
+                                       f"{step - 1} event(s) missed: {last} -> {seq}", b"", None)
+        else:
+            # The server's EventId identifies the event: a re-sent one is dropped as a duplicate.
+            event_id = prop("EventId") or b""
+            ident = event_id.hex() if isinstance(event_id, bytes) else str(event_id)
+        ingest.device_event(
+            DeviceEvent(self.device, src.name, fields, t, now, f"{self.device}/{src.name}/{ident}"), None
+        )
 
     def status(self) -> dict[str, Any]:
+        gaps = {w.name: w.watch.missed_total for w in self.watchers if w.kind == "counter"}
+        gaps.update({s.name: s.missed_total for s in self.sources if s.sequence})
         return {"state": self.health.state, "since": self.health.since,
                 "last_error": self.health.last_error, "restarts": self.health.restarts,
-                "notifications": self.notifications,
-                "counter_gaps": {w.name: w.watch.missed_total for w in self.watchers
-                                 if w.kind == "counter"}}
+                "notifications": self.notifications, "counter_gaps": gaps,
+                "inconsistent_snapshots": {w.name: w.inconsistent for w in self.watchers}}

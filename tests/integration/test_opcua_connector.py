@@ -9,6 +9,8 @@ import contextlib
 import time
 from pathlib import Path
 
+import pytest
+
 from edge_agent.config import OpcuaConnection
 from edge_agent.connectors.opcua import OpcuaConnector
 from edge_agent.profiles import load_profile
@@ -19,6 +21,45 @@ from edge_agent.testing.fakes import RecordingIngest
 from simulators.opcua_sorter import Disposition, SorterSim
 
 PROFILE = Path(__file__).parents[2] / "device_profiles" / "acme_sorter_opcua.yaml"
+DISPOSITIONS = {0: "sorted", 1: "no_read", 2: "no_destination", 3: "lane_full", 4: "recirculated",
+                5: "lost_mistrack"}
+
+
+def variables_profile(fields_from: str = "notifications") -> OpcuaProfile:
+    """The sorter read from its variables (no OPC UA events): fields bound to the counter."""
+    sig = "nsu=urn:acme:sorter;s=Sorter1.{}"
+    return OpcuaProfile.model_validate({
+        "version": 1, "vendor": "ACME", "model": "SX-24 (variables)", "protocol": "opcua",
+        "namespaces": {"sorter": "urn:acme:sorter"},
+        "signals": {
+            "induct_tracking_id": {"node": sig.format("Induct.TrackingId")},
+            "induct_barcode": {"node": sig.format("Induct.Barcode")},
+            "induct_count": {"node": sig.format("Induct.Count")},
+            "divert_tracking_id": {"path": "sorter:Sorter1/sorter:Divert/sorter:TrackingId"},
+            "divert_lane": {"node": sig.format("Divert.Lane")},
+            "divert_disposition": {"node": sig.format("Divert.Disposition"), "enum": DISPOSITIONS},
+            "divert_count": {"node": sig.format("Divert.Count")},
+        },
+        "events": {
+            "induct": {"trigger": {"kind": "counter", "signal": "induct_count"},
+                       "fields": {"tracking_id": "induct_tracking_id", "barcode": "induct_barcode"},
+                       "fields_from": fields_from},
+            "divert": {"trigger": {"kind": "counter", "signal": "divert_count"},
+                       "fields": {"tracking_id": "divert_tracking_id", "lane": "divert_lane",
+                                  "disposition": "divert_disposition"},
+                       "fields_from": fields_from},
+        },
+    })
+
+
+def shipped_profile() -> OpcuaProfile:
+    prof = load_profile(PROFILE)
+    assert isinstance(prof, OpcuaProfile)
+    return prof
+
+
+PROFILES = {"events": shipped_profile, "variables": variables_profile,
+            "read": lambda: variables_profile("read")}
 
 
 def connector(sim: SorterSim, profile: OpcuaProfile | None = None) -> OpcuaConnector:
@@ -71,9 +112,10 @@ async def test_inducts_and_diverts_become_device_events():
             assert {"tracking_id": "S0000001", "barcode": "C0000001"} in inducts
 
 
-async def test_server_restart_with_reordered_namespaces_heals_without_duplicates():
+@pytest.mark.parametrize("form", ["events", "variables"])
+async def test_server_restart_with_reordered_namespaces_heals_without_duplicates(form):
     async with SorterSim(rate=20, seed=3, travel_secs=0.3) as sim:
-        c = connector(sim)
+        c = connector(sim, PROFILES[form]())
         async with running(c) as ing:
             assert await until(lambda: c.health.state == "online")
             assert await until(lambda: len(diverts(ing)) >= 10)
@@ -89,22 +131,27 @@ async def test_server_restart_with_reordered_namespaces_heals_without_duplicates
             # Every divert confirmation exactly once: no duplicates from re-sent values.
             ids = [e.msg_id for e in diverts(ing)]
             assert len(ids) == len(set(ids))
-            truth = {(c_["tracking_id"]) for c_ in sim.ground_truth()}
-            assert {e.fields["tracking_id"] for e in diverts(ing)} <= truth
+            # Each divert's fields are that divert's (by its counter value).
+            truth = {d["count"]: d for d in sim.diverts()}
+            for e in diverts(ing):
+                d = truth[int(e.msg_id.rsplit("/", 1)[1])]
+                assert (e.fields["tracking_id"], e.fields["lane"], e.fields["disposition"]) == (
+                    d["tracking_id"], d["lane"], d["disposition"])
             # Confirmations the server made while we were away are not silently absorbed:
-            # they are reported as a gap, and seen + missed = what the server counted.
+            # they are reported as a gap, and seen + missed (+ reported inconsistent) = what
+            # the server counted.
             gaps = c.status()["counter_gaps"]["divert"]
             reported = sum(int(b[3].split()[0]) for b in ing.bad
-                           if b[1] == "divert:divert_count" and b[2] == "counter_gap")
+                           if b[1].startswith("divert:") and b[2] == "counter_gap")
             assert reported == gaps
+            unbound = [b for b in ing.bad if b[2] == "inconsistent_snapshot"]
             first = min(int(e.msg_id.rsplit("/", 1)[1]) for e in diverts(ing))
-            assert len(diverts(ing)) + gaps == c.values["divert_count"] - first + 1
+            last = max(int(e.msg_id.rsplit("/", 1)[1]) for e in diverts(ing))
+            assert len(diverts(ing)) + gaps + len(unbound) == last - first + 1
 
 
 async def test_a_missing_node_is_a_clear_error_naming_it():
-    prof = load_profile(PROFILE)
-    assert isinstance(prof, OpcuaProfile)
-    data = prof.model_dump()
+    data = variables_profile().model_dump()
     data["signals"]["induct_count"]["node"] = "nsu=urn:acme:sorter;s=Sorter1.Induct.Cnt"
     broken = OpcuaProfile.model_validate(data)
     async with SorterSim(rate=0) as sim:
