@@ -43,11 +43,13 @@ def variables_profile(fields_from: str = "notifications") -> OpcuaProfile:
         "events": {
             "induct": {"trigger": {"kind": "counter", "signal": "induct_count"},
                        "fields": {"tracking_id": "induct_tracking_id", "barcode": "induct_barcode"},
-                       "fields_from": fields_from},
+                       **({"fields_from": fields_from} if fields_from != "notifications"
+                          else {})},
             "divert": {"trigger": {"kind": "counter", "signal": "divert_count"},
                        "fields": {"tracking_id": "divert_tracking_id", "lane": "divert_lane",
                                   "disposition": "divert_disposition"},
-                       "fields_from": fields_from},
+                       **({"fields_from": fields_from} if fields_from != "notifications"
+                          else {})},
         },
     })
 
