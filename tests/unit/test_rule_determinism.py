@@ -73,6 +73,7 @@ def device_events(cartons: list[Carton]) -> list[DeviceEvent]:
             tw = t + c.weight_after
             evs.append(DeviceEvent("CW1", "weight", {"tracking_id": tid, "weight_g": float(i)},
                                    tw, tw, f"CW1/weight/{i}"))
+    evs.sort(key=lambda e: e.time)  # a device sends in its own time order
     return evs
 
 
