@@ -151,6 +151,17 @@ class Divert:
         self.count = 0
 
     async def __aenter__(self) -> Divert:
+        await self._serve()
+        return self
+
+    async def restart(self) -> None:
+        """Stop and serve again on the same port with the same values and timestamps."""
+        values = {n: await node.read_data_value() for n, node in self.nodes.items()}
+        await self.server.stop()
+        self.server = Server()
+        await self._serve(values)
+
+    async def _serve(self, values: dict[str, ua.DataValue] | None = None) -> None:
         s = self.server
         await s.init()
         s.set_endpoint(f"opc.tcp://127.0.0.1:{self.port}/")
@@ -165,8 +176,16 @@ class Divert:
                                                       ua.Variant(init, vtype))
         self.types = {"TrackingId": ua.VariantType.String, "Lane": ua.VariantType.Int32,
                       "Count": ua.VariantType.UInt32}
-        await s.start()
-        return self
+        for name, dv in (values or {}).items():
+            await s.write_attribute_value(self.nodes[name].nodeid, dv)
+        for attempt in range(50):  # the previous listening socket may linger a moment
+            try:
+                await s.start()
+                return
+            except OSError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.server.stop()
