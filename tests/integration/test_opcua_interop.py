@@ -24,10 +24,10 @@ PROFILE = {
     "namespaces": {"ns": "urn:acme:node-sorter"},
     "poll_interval_ms": 200,
     "signals": {
-        "count": {"node": "nsu=urn:acme:node-sorter;s=Sorter2.Count", "sampling_interval_ms": 50},
-        "tracking_id": {"node": "nsu=urn:acme:node-sorter;s=Sorter2.TrackingId",
-                        "sampling_interval_ms": 50},
-        "lane": {"path": "ns:Sorter2/ns:Lane", "sampling_interval_ms": 50},
+        # Defaults: exception-based (sampling 0), a deep queue, StatusValueTimestamp.
+        "count": {"node": "nsu=urn:acme:node-sorter;s=Sorter2.Count"},
+        "tracking_id": {"node": "nsu=urn:acme:node-sorter;s=Sorter2.TrackingId"},
+        "lane": {"path": "ns:Sorter2/ns:Lane"},
         "lane_polled": {"path": "ns:Sorter2/ns:Lane", "mode": "poll"},
     },
     "events": {"divert": {"trigger": {"kind": "counter", "signal": "count"},
@@ -70,6 +70,7 @@ async def _stream(port: int) -> None:
             await asyncio.sleep(0.1)
         assert c.health.state == "online", c.health.last_error
         assert len(ingest.events) >= 10
+        assert not [b for b in ingest.bad if b[2] != "counter_gap"], ingest.bad[:3]
         for ev in ingest.events:  # each divert's fields belong to its own count
             n = int(ev.msg_id.rsplit("/", 1)[1])
             assert ev.fields["tracking_id"] == f"N{n:07d}", (n, ev.fields)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,76 @@ async def test_cli_prints_ready_and_exits_on_sigterm(tmp_path):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+class Stamps:
+    """Every notification of a subscription: (node name, value, SourceTimestamp)."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, object, object]] = []
+        self.events: list[object] = []
+
+    def datachange_notification(self, node, val, data) -> None:
+        self.changes.append((node.nodeid.Identifier, val, data.monitored_item.Value.SourceTimestamp))
+
+    def event_notification(self, event) -> None:
+        self.events.append(event)
+
+
+async def subscribe(client: Client, idx: int, names: list[str], handler) -> None:
+    sub = await client.create_subscription(50, handler)
+    await sub.subscribe_data_change([node(client, idx, n) for n in names], queuesize=10000)
+    for type_name, notifier in (("DivertConfirmedEventType", "Sorter1.Divert"),
+                                ("InductedEventType", "Sorter1.Induct")):
+        await sub.subscribe_events(node(client, idx, notifier), node(client, idx, type_name),
+                                   queuesize=10000)
+
+
+async def test_realistic_by_default_ms_stamps_collide_clock_off_events_carry_fields():
+    async with SorterSim(rate=200, seed=2, travel_secs=0.1, mix=NO_FAULTS) as sim:
+        async with Client(sim.endpoint, timeout=5) as client:
+            idx = await client.get_namespace_index(NAMESPACE_URI)
+            st = Stamps()
+            await subscribe(client, idx, ["Sorter1.Divert.Count"], st)
+
+            async def enough() -> bool:
+                return len(st.changes) > 100 and len(st.events) > 100
+
+            await wait_for(enough, 30)
+            sim.pause()
+        host = time.time()
+    stamps = [ts for _, _, ts in st.changes[1:]]
+    assert all(ts.microsecond % 1000 == 0 for ts in stamps)  # milliseconds
+    assert len(set(stamps)) < len(stamps)  # several diverts in one millisecond
+    assert 1.0 < stamps[-1].timestamp() - host < 3.0  # the device clock is ~2 s ahead
+    truth = {d["count"]: d for d in sim.diverts()}
+    diverts = [e for e in st.events if hasattr(e, "Lane")]
+    for e in diverts:  # each event carries its own divert's fields
+        d = truth[e.Count]
+        assert (e.TrackingId, e.Lane, Disposition(e.Disposition).label) == (
+            d["tracking_id"], d["lane"], d["disposition"])
+    inducts = {i["count"]: i for i in sim.inducts()}
+    assert all(inducts[e.Count]["tracking_id"] == e.TrackingId
+               for e in st.events if hasattr(e, "Barcode"))
+
+
+async def test_sampled_mode_skips_values_and_warm_up_cartons_precede_any_client():
+    async with SorterSim(rate=100, seed=4, travel_secs=0.1, sampling_ms=60, warmup_cartons=5,
+                         mix=NO_FAULTS) as sim:
+        async with Client(sim.endpoint, timeout=5) as client:
+            idx = await client.get_namespace_index(NAMESPACE_URI)
+            # Inducted before anyone could subscribe: the count starts at the warm-up.
+            assert await node(client, idx, "Sorter1.Induct.Count").read_value() >= 5
+            st = Stamps()
+            await subscribe(client, idx, ["Sorter1.Divert.Count"], st)
+
+            async def enough() -> bool:
+                return len(sim.diverts()) > 100
+
+            await wait_for(enough, 30)
+            sim.pause()
+    counts = [v for _, v, _ in st.changes]
+    assert counts == sorted(counts)
+    assert max(b - a for a, b in zip(counts, counts[1:], strict=False)) > 1  # values skipped
+    assert len(counts) < len(sim.diverts())
+    assert sim.ground_truth()[0]["index"] == 0 and len(sim.inducts()) >= 5
