@@ -219,3 +219,33 @@ async def test_server_restart_with_new_namespace_order_heals_without_duplicates(
         finally:
             agent.stop()
             await asyncio.wait_for(task, 30)
+
+
+async def test_200_cartons_per_second_every_sorter_event_exact(tmp_path: Path):
+    """At 200 cartons/s diverts share milliseconds and publish responses; with the shipped
+    profile (the sorter's OPC UA events) every carton_sorted has its own carton's lane and
+    disposition (issue 7 item 2: before, 60 % carried another carton's)."""
+    async with SorterSim(rate=200, seed=21, travel_secs=0.3, recirc_secs=0.3) as sim, \
+            Receiver("wms") as wms:
+        sim.pause()
+        path = tmp_path / "site.yaml"
+        path.write_text(SITE.format(profiles=PROFILES, endpoint=sim.endpoint, db=tmp_path / "o.db",
+                                    wms=f"http://127.0.0.1:{wms.events_port}/events"))
+        site, profiles = load_site(path)
+        agent = Agent(site, profiles, base_dir=tmp_path)
+        task = asyncio.create_task(agent.run())
+        try:
+            assert await wait_for(
+                lambda: bool(agent.connectors) and agent.connectors[0].health.state == "online", 15)
+            sim.resume()
+            assert await wait_for(lambda: len(sim.ground_truth()) >= 300, 30)
+            sim.pause()
+            assert await wait_for(lambda: all(c["done"] for c in sim.ground_truth()), 30)
+            want = sorter_expected(sim.ground_truth())
+            assert await wait_for(lambda: sorter_received(wms.events) == want, 60), (
+                diff(sorter_received(wms.events), want))
+            status = agent.connectors[0].status()
+            assert status["counter_gaps"] == {"induct": 0, "divert": 0}, status
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 30)
