@@ -20,6 +20,13 @@ in publication order. Only these two fields vary between runs; everything else i
 the seed. A duplicate repeats its original's bytes exactly (same `seq`, same `ts`), as a
 device retrying a send would. For byte-exact fixtures without a broker, `render_plan`
 stamps the same schedule from a fixed `start_time` instead of the wall clock.
+
+Device clocks: each device stamps `ts` from its own clock, which is off the true time by an
+offset and drifts (`DeviceClock`), as real PLC and scanner clocks do. By default both are a
+little off and drifting (`REALISTIC_CLOCKS`, well within a second); `--clock DEVICE=SECS`
+sets a device's offset (e.g. `--clock checkweigher=-10800` for a clock 3 h behind) and
+`--ideal-clocks` makes both exact. `ts` has millisecond resolution, so at a few hundred
+cartons a second several messages share one.
 """
 
 from __future__ import annotations
@@ -77,6 +84,24 @@ class Outcome(StrEnum):
 class Device(StrEnum):
     SCANNER = "scanner"
     CHECKWEIGHER = "checkweigher"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceClock:
+    """How far a device's clock is off the true time: ``offset_s`` now, plus ``drift_ppm``
+    microseconds per second of run time."""
+
+    offset_s: float = 0.0
+    drift_ppm: float = 0.0
+
+
+# A scanner a quarter second ahead and a checkweigher a little behind, both drifting: what
+# NTP-less devices on a line look like after a few days (well within a second).
+REALISTIC_CLOCKS: dict[Device, DeviceClock] = {
+    Device.SCANNER: DeviceClock(offset_s=0.25, drift_ppm=40.0),
+    Device.CHECKWEIGHER: DeviceClock(offset_s=-0.15, drift_ppm=-25.0),
+}
+IDEAL_CLOCKS: dict[Device, DeviceClock] = {d: DeviceClock() for d in Device}
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,18 +431,24 @@ def render_plan(
 
 
 class _WallClockTs:
-    """Wall-clock ts strings, formatting at most once per millisecond."""
+    """Wall-clock ts strings per device clock, formatting at most once per millisecond."""
 
-    def __init__(self) -> None:
-        self._ms = -1
-        self._text = ""
+    def __init__(self, clocks: dict[Device, DeviceClock] | None = None) -> None:
+        self._clocks = clocks or IDEAL_CLOCKS
+        self._start = time.time()
+        self._ms: dict[Device, int] = {}
+        self._text: dict[Device, str] = {}
 
-    def now(self) -> str:
-        ms = int(time.time() * 1000)
-        if ms != self._ms:
-            self._ms = ms
-            self._text = format_ts(ms / 1000.0)
-        return self._text
+    def now(self, device: Device = Device.SCANNER) -> str:
+        t = time.time()
+        c = self._clocks.get(device)
+        if c is not None:
+            t += c.offset_s + (t - self._start) * c.drift_ppm * 1e-6
+        ms = int(t * 1000)
+        if ms != self._ms.get(device):
+            self._ms[device] = ms
+            self._text[device] = format_ts(ms / 1000.0)
+        return self._text[device]
 
 
 @dataclass
@@ -561,6 +592,7 @@ def run_line(
     connect_timeout_secs: float = 10.0,
     stop: threading.Event | None = None,
     weigher: Weigher | None = None,
+    clocks: dict[Device, DeviceClock] | None = None,
 ) -> RunSummary:
     """Publish `count` cartons (None: until `stop` is set) at `rate_per_s`; blocks.
 
@@ -609,7 +641,7 @@ def run_line(
         lines = open(ground_truth_path, "a", encoding="utf-8")
     try:
         stamper = _Stamper()
-        clock = _WallClockTs()
+        clock = _WallClockTs(REALISTIC_CLOCKS if clocks is None else clocks)
         items = schedule(cartons, interval_ms=1000.0 / rate_per_s)
         nxt = next(items, None)
         t0 = time.monotonic()
@@ -630,7 +662,8 @@ def run_line(
                         summary.messages += 1
                         summary.weighings += 1
                 else:
-                    info = client.publish(message.topic, stamper.payload(nxt, clock.now()), qos=1)
+                    ts = clock.now(message.device)
+                    info = client.publish(message.topic, stamper.payload(nxt, ts), qos=1)
                     if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                         # NO_CONN is fine: paho keeps the message and sends it on reconnect.
                         raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -716,7 +749,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-id", default=None)
     p.add_argument("--ack-timeout-secs", type=float, default=30.0)
     p.add_argument("--ground-truth", default=None, help="path of the ground-truth file")
+    add_clock_arguments(p)
     return p.parse_args(argv)
+
+
+def add_clock_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ideal-clocks", action="store_true",
+                   help="devices stamp exact time (default: a little off, drifting)")
+    p.add_argument("--clock", action="append", default=[], metavar="DEVICE=SECS",
+                   help="a device's clock offset (scanner or checkweigher), e.g. "
+                        "checkweigher=-10800 for 3 h behind; repeatable")
+
+
+def clocks_from_args(args: argparse.Namespace) -> dict[Device, DeviceClock]:
+    clocks = dict(IDEAL_CLOCKS if args.ideal_clocks else REALISTIC_CLOCKS)
+    for item in args.clock:
+        name, _, secs = item.partition("=")
+        device = Device(name)
+        clocks[device] = DeviceClock(float(secs), clocks[device].drift_ppm)
+    return clocks
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -764,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         ground_truth_path=args.ground_truth,
         ack_timeout_secs=args.ack_timeout_secs,
         stop=stop,
+        clocks=clocks_from_args(args),
     )
     return 1 if summary.unacked or summary.rejected else 0
 

@@ -219,7 +219,8 @@ class LineProc:
 
     def __init__(self, workdir: Path, *, port: int, count: int | None, rate: float, seed: int = 1,
                  fractions: dict[str, float] | None = None, start_index: int = 0,
-                 protocol: str = "5", ground_truth: Path | None = None):
+                 protocol: str = "5", ground_truth: Path | None = None,
+                 clocks: dict[str, float] | None = None, ideal_clocks: bool = False):
         self.ground_truth = ground_truth or workdir / "ground_truth.json"
         args = [sys.executable, "-m", "simulators.carton_line", "--port", str(port),
                 "--rate", str(rate), "--seed", str(seed), "--start-index", str(start_index),
@@ -227,6 +228,10 @@ class LineProc:
         args += ["--count", str(count)] if count is not None else ["--forever"]
         for k, v in (fractions or {}).items():
             args += [f"--{k.replace('_', '-')}", str(v)]
+        for device, offset in (clocks or {}).items():  # e.g. {"checkweigher": -10800}
+            args += ["--clock", f"{device}={offset}"]
+        if ideal_clocks:
+            args.append("--ideal-clocks")
         self.log_path = workdir / f"line-{start_index}.log"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=_env(), cwd=ROOT)

@@ -29,9 +29,11 @@ until shown otherwise. A message can arrive late, never early, so a time ahead o
 is unambiguous: one such message is an *outlier* (clamped to the device's latest time, so a
 single stamp hours ahead cannot push event time), several in a row that agree are a clock
 set forward. A time behind arrival is ambiguous (a backlog after an outage, or a slow
-clock), so the clock is taken to be behind only when a whole epoch of messages (60 s of
-arrivals) says so; until then the per-device watermark keeps a slow device from being
-judged by the others' clocks. The estimate changes in steps, never per message, so the same
+clock), so the clock is taken to be behind only when a whole epoch of messages (2 s of
+arrivals, at least 5) says so *and* they were all about equally late (a backlog draining
+gets later and later times as it catches up; a slow clock is late by the same amount);
+until then the per-device watermark keeps a slow device from being judged by the others'
+clocks. The estimate changes in steps, never per message, so the same
 messages get the same times.
 """
 
@@ -45,8 +47,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NEG_INF = -math.inf
-EPOCH_SECS = 60.0  # arrival time over which a lower (further behind) offset is confirmed
-EPOCH_MIN_MESSAGES = 10  # fewer in an epoch say nothing about its clock
+EPOCH_SECS = 2.0  # arrival time over which a lower (further behind) offset is confirmed
+EPOCH_MIN_MESSAGES = 5  # fewer in an epoch say nothing about its clock
 JUMP_CONFIRM = 3  # messages in a row that agree on a clock further ahead
 MAX_HOLES = 256  # per device, oldest dropped
 
@@ -56,7 +58,8 @@ class Source:
 
     __slots__ = (
         "device", "buffered", "lossless_reconnect", "online", "offline_since", "max_time",
-        "last_arrival", "last_time", "skew", "applied", "epoch_start", "epoch_max", "epoch_n",
+        "last_arrival", "last_time", "skew", "applied", "epoch_start", "epoch_max", "epoch_min",
+        "epoch_n",
         "suspect", "suspect_n", "holes", "outliers",
     )
 
@@ -73,6 +76,7 @@ class Source:
         self.applied = 0.0  # the offset removed from its times (0 unless far off)
         self.epoch_start = NEG_INF
         self.epoch_max = NEG_INF
+        self.epoch_min = math.inf
         self.epoch_n = 0
         self.suspect = 0.0
         self.suspect_n = 0
@@ -152,20 +156,23 @@ class Sources:
                 return s.last_time if s.last_time != NEG_INF else t - d  # its latest, or now
             s.skew = d  # several in a row agree: the clock was set forward
             s.suspect_n = 0
-            s.epoch_start, s.epoch_max, s.epoch_n = arrival, d, 0
+            s.epoch_start, s.epoch_max, s.epoch_min, s.epoch_n = arrival, d, d, 0
             self._apply(s)
         else:
             s.suspect_n = 0
             if d > s.epoch_max:
                 s.epoch_max = d
+            if d < s.epoch_min:
+                s.epoch_min = d
             s.epoch_n += 1
-            if arrival - s.epoch_start >= EPOCH_SECS:
-                # A whole epoch of messages, none as early as the estimate says they could
-                # be: the clock is further behind (a backlog drains within an epoch).
-                if s.epoch_max < skew - self.tol and s.epoch_n >= EPOCH_MIN_MESSAGES:
+            if arrival - s.epoch_start >= EPOCH_SECS and s.epoch_n >= EPOCH_MIN_MESSAGES:
+                # A whole epoch of messages, none as early as the estimate says they could be,
+                # all equally late: the clock is behind. (A backlog draining is not equally
+                # late: its messages get later and later times as it catches up.)
+                if s.epoch_max < skew - self.tol and s.epoch_max - s.epoch_min <= self.tol:
                     s.skew = s.epoch_max
                     self._apply(s)
-                s.epoch_start, s.epoch_max, s.epoch_n = arrival, d, 0
+                s.epoch_start, s.epoch_max, s.epoch_min, s.epoch_n = arrival, d, d, 0
         tn = t - s.applied
         s.last_arrival = arrival
         s.last_time = tn
