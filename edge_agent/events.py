@@ -136,6 +136,7 @@ EVENT_SCHEMAS: dict[str, dict[str, Any]] = {
             "position": {"type": "integer"},
             "qty": {"type": "integer"},
             "zone": {"type": "string"},
+            "press_seq": {"type": "integer", "description": "The device's key sequence: one per press."},
         },
     },
     "pick_short": {
@@ -146,6 +147,7 @@ EVENT_SCHEMAS: dict[str, dict[str, Any]] = {
             "position": {"type": "integer"},
             "qty_picked": {"type": "integer"},
             "qty_expected": {"type": ["integer", "null"]},
+            "press_seq": {"type": "integer", "description": "The device's key sequence: one per press."},
         },
     },
     "equipment_fault": {
