@@ -203,11 +203,46 @@ def schema(what: str) -> None:
 @click.option("--workdir", default=".demo", show_default=True)
 @click.option("--checkweigher", type=click.Choice(["mqtt", "modbus"]), default="mqtt",
               show_default=True, help="Where the packing station's weights come from.")
-def demo(rate: float, seconds: float, workdir: str, checkweigher: str) -> None:
-    """Run everything on this machine: broker, simulated line, stand-in WMS/ERP, agent, live view."""
+@click.option("--modbus-station/--no-modbus-station", default=True, show_default=True,
+              help="A second packing station, CLOSE2, weighing on the Modbus checkweigher CW2 "
+                   "(4 cartons/s; not with --checkweigher modbus).")
+@click.option("--sorter-rate", default=3.0, show_default=True,
+              help="Cartons per second through the OPC UA sorter SORTER1.")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC",
+              help="Inject a fault (repeatable): broker-outage@AT:SECS, restart:DEVICE@AT:SECS "
+                   "or power-cycle:DEVICE@AT:SECS; AT counts from the line's start (examples above).")
+@click.option("--clock", "clocks", multiple=True, metavar="DEVICE=SECS",
+              help="Set a packing-station device's clock offset (scanner or checkweigher), e.g. "
+                   "checkweigher=-10800 for 3 h behind (repeatable).")
+@click.option("--live/--no-live", default=None,
+              help="The live view (default: when stdout is a terminal); --no-live prints plain "
+                   "progress lines instead.")
+def demo(rate: float, seconds: float, workdir: str, checkweigher: str, modbus_station: bool,
+         sorter_rate: float, faults: tuple[str, ...], clocks: tuple[str, ...],
+         live: bool | None) -> None:
+    """Run everything on this machine: broker, simulated line, stand-in WMS/ERP, agent, live view.
+
+    At the end it prints a ledger per destination and event type (every delivery against
+    the simulators' ground truth) and writes it to WORKDIR/ledger.json; the exit code is 0
+    when every fact arrived exactly once everywhere.
+
+    \b
+    Faults (--fault SPEC, AT and SECS in seconds):
+      broker-outage@15:5      the MQTT broker stops for 5 s at 15 s and comes back on the
+                              same port with its sessions and queued messages
+      restart:PTL1@25:2       a Modbus device (PTL1, CONV1) restarts, down 2 s
+      restart:SORTER1@30:2    the OPC UA sorter's server restarts, down 2 s, after its
+                              induct stopped, its belt emptied and the agent has every
+                              event (a restart drops what a server has queued); induct
+                              opens again once the agent is subscribed again
+      power-cycle:PTL1@25:2   a Modbus device loses power: registers back to power-up
+                              values; a key press not yet acknowledged is lost with it
+    """
     from .demo import run_demo
 
-    sys.exit(run_demo(rate=rate, seconds=seconds, workdir=Path(workdir), checkweigher=checkweigher))
+    sys.exit(run_demo(rate=rate, seconds=seconds, workdir=Path(workdir), checkweigher=checkweigher,
+                      faults=list(faults), clocks=list(clocks), modbus_station=modbus_station,
+                      sorter_rate=sorter_rate, live=live))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -42,6 +43,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -74,6 +76,7 @@ from simulators.ledger import (
     carton_facts,
     fault_facts,
     press_facts,
+    sorter_expected,
     sorter_facts,
     sorter_received,
     sorter_unfinished,
@@ -160,6 +163,113 @@ STATE_STYLES = {
     "backoff": "bold red",
     "offline": "bold red",
 }
+
+
+@dataclass(frozen=True)
+class Station:
+    """A packing station of the simulated line: its name (the events' ``station``), MQTT
+    topic base, scanner id and the index of its first carton (tracking ids ``T<index>``)."""
+
+    name: str = "CLOSE1"
+    base: str = "site/close1"
+    scanner: str = "SCN1"
+    start_index: int = 0
+
+
+# The second packing station (``--modbus-station``): its scanner on MQTT, its checkweigher
+# MODBUS_CW on Modbus, its own rule and cartons (tracking ids far from CLOSE1's).
+STATION2 = Station("CLOSE2", "site/close2", "SCN2", 5_000_000)
+STATION2_RULE = "close-station-2"
+STATION2_RATE = 4.0  # cartons/s: a Modbus checkweigher weighs a few a second at most
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+FAULT_KINDS = ("broker-outage", "restart", "power-cycle")
+FAULT_SPEC = re.compile(
+    r"^(?P<kind>broker-outage|restart:(?P<dev>[A-Za-z0-9_-]+)|power-cycle:(?P<pdev>[A-Za-z0-9_-]+))"
+    r"@(?P<at>\d+(?:\.\d*)?):(?P<down>\d+(?:\.\d*)?)$"
+)
+FAULT_HELP = """\
+broker-outage@AT:SECS   stop the MQTT broker AT s after the line started, for SECS, then
+                        start it again on the same port (it keeps sessions and queued
+                        messages: persistence is on)
+restart:DEV@AT:SECS     restart a device AT s after the line started, down for SECS: a
+                        Modbus device (PTL1, CONV1) keeps its registers; the OPC UA sorter
+                        SORTER1 stops its induct first, waits until the belt is empty and the
+                        agent has every event, restarts, and inducts again once the agent
+                        is subscribed again (a restart drops what a server has queued)
+power-cycle:DEV@AT:SECS a Modbus device (PTL1, CONV1) loses power: registers back to their
+                        power-up values (counters kept); a key press not yet acknowledged
+                        is lost with it (not expected in the ledger)"""
+SORTER_CATCH_UP_SECS = 30.0  # before its restart, the agent gets what the sorter published
+SORTER_BACK_SECS = 60.0  # after it, the agent subscribes again
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: ``kind`` (FAULT_KINDS) of ``device`` (None for the broker), at
+    ``at_secs`` after the line started, lasting ``down_secs``."""
+
+    kind: str
+    device: str | None
+    at_secs: float
+    down_secs: float
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault:
+        m = FAULT_SPEC.match(spec.strip())
+        if m is None:
+            raise ValueError(
+                f"--fault {spec!r}: expected broker-outage@AT:SECS, restart:DEVICE@AT:SECS or "
+                f"power-cycle:DEVICE@AT:SECS (e.g. broker-outage@15:5, restart:PTL1@25:2)"
+            )
+        kind = m["kind"].split(":", 1)[0]
+        device = m["dev"] or m["pdev"]
+        restartable = (*MODBUS_KINDS, SORTER) if kind == "restart" else tuple(MODBUS_KINDS)
+        if device is not None and device not in restartable:
+            raise ValueError(f"--fault {spec!r}: {kind} of {device}: the demo can {kind} "
+                             f"{', '.join(restartable)}")
+        return cls(kind, device, float(m["at"]), float(m["down"]))
+
+    def __str__(self) -> str:
+        what = self.kind if self.device is None else f"{self.kind}:{self.device}"
+        return f"{what}@{self.at_secs:g}:{self.down_secs:g}"
+
+
+@dataclass
+class _FaultRun:
+    """A fault as it happens: its steps, when it began and ended (seconds since the line
+    started), and what went differently from the plan."""
+
+    fault: Fault
+    step: str = "pending"  # ... "done"
+    began: float | None = None
+    ended: float | None = None
+    until: float = 0.0  # monotonic deadline of the current step
+    mark: int = 0  # the step's reference count (the agent's restarts, ...)
+    answered: int = 0  # the simulator's answers before the step
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fault": str(self.fault), "kind": self.fault.kind, "device": self.fault.device,
+                "at_secs": self.fault.at_secs, "down_secs": self.fault.down_secs,
+                "began_secs": self.began, "ended_secs": self.ended, "step": self.step,
+                "notes": self.notes}
+
+
+def parse_clocks(specs: list[str]) -> dict[str, float]:
+    """``--clock DEVICE=SECS`` (the carton line's scanner or checkweigher) as a dict."""
+    from simulators.carton_line import Device
+
+    clocks = {}
+    for spec in specs:
+        name, sep, secs = spec.partition("=")
+        if not sep or name not in {d.value for d in Device} or _secs(secs.lstrip("-")) is None:
+            raise ValueError(f"--clock {spec!r}: expected DEVICE=SECS with DEVICE one of "
+                             f"{', '.join(d.value for d in Device)} (e.g. checkweigher=-10800)")
+        clocks[name] = float(secs)
+    return clocks
 
 
 class _CannotRun(Exception):
@@ -291,12 +401,40 @@ class _Outbox:
         return out
 
 
+def _broker(workdir: Path) -> Mosquitto | EmbeddedBroker:
+    """mosquitto with persistence (sessions and queued messages survive a clean stop: a
+    broker outage loses nothing), else `local_broker`'s fallback."""
+    if find_mosquitto() is not None and os.environ.get("EDGE_AGENT_DEMO_BROKER") != "amqtt":
+        return Mosquitto(workdir=workdir, persistent=True).start()
+    return local_broker(workdir)
+
+
+def _covered(st: dict[str, Any], window_secs: float) -> bool:
+    """Whether every connector is online and every device has been watched for longer than
+    `window_secs` without a hole (the agent's status: ``engine.sources``)."""
+    if not st.get("connectors") or any(
+            c.get("state") != "online" for c in st["connectors"].values()):
+        return False
+    sources = st.get("engine", {}).get("sources", {})
+    since = [src.get("covered_since") for src in sources.values()]
+    return bool(since) and all(c is not None and st["time"] - c > window_secs for c in since)
+
+
 # --- the Modbus devices ------------------------------------------------------------------
 
 
 def _truth_path(stats_path: Path) -> Path:
     """Where a Modbus device of the demo writes what it did, fact by fact (JSON list)."""
     return stats_path.with_name(stats_path.stem + ".truth.json")
+
+
+def _secs(text: str) -> float | None:
+    """A duration of at least 0 s, or None."""
+    try:
+        secs = float(text)
+    except ValueError:
+        return None
+    return secs if secs >= 0 and math.isfinite(secs) else None
 
 
 def _modbus_station_main(argv: list[str]) -> None:
@@ -307,8 +445,12 @@ def _modbus_station_main(argv: list[str]) -> None:
     on average. ``conveyor``: cartons pass at RATE/s and the belt stops now and then (a jam or
     another fault) until an operator clears it. Prints ``READY <kind> port=N``; counts what it
     did into STATS_PATH (JSON) and each press or stop, the ledger's ground truth, next to it
-    (`_truth_path`). SIGUSR1: stop pressing and jamming (the demo is stopping);
-    SIGTERM: exit.
+    (`_truth_path`). Commands on stdin, one a line: ``quiet`` (or SIGUSR1): stop pressing
+    and jamming (the demo is stopping); ``restart SECS [reset]``: the device restarts
+    (`ModbusDeviceSim.restart`), down SECS, with ``reset`` a power cycle (registers back to
+    power-up values: a press not yet acknowledged is lost, marked ``lost`` in the truth).
+    Nobody presses a key or jams a belt of a device that is down. SIGTERM or the end of
+    stdin: exit.
     """
     from simulators.modbus_devices import ConveyorSim, PickToLightSim
 
@@ -323,31 +465,39 @@ def _modbus_station_main(argv: list[str]) -> None:
     truth_path = _truth_path(stats_path)
     truth: list[dict[str, Any]] = []  # presses or stops, in order: the ledger's facts
 
-    def record(fact: dict[str, Any]) -> None:
-        truth.append(fact)
+    def write_truth() -> None:
         tmp = truth_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(truth))
         os.replace(tmp, truth_path)
+
+    def record(fact: dict[str, Any]) -> None:
+        truth.append(fact)
+        write_truth()
+
+    async def running(sim: ConveyorSim | PickToLightSim) -> None:
+        """Until the device is up (a device that is down takes no key press, no jam)."""
+        while not sim.running:
+            await asyncio.sleep(0.05)
 
     async def picker(sim: PickToLightSim) -> None:
         rng = random.Random(SEED)
         while True:
             await asyncio.sleep(rng.expovariate(rate))
+            await running(sim)
             n, qty = rng.randint(1, 4), rng.randint(1, 6)
             # The display shows the quantity when the key is pressed; a press the module
             # ignores (the last one not yet acknowledged) leaves the display as it was.
             shown = sim.get(f"display_qty_{n}")
             sim.set(f"display_qty_{n}", qty)
-            pressed = len(sim.presses) if hasattr(sim, "presses") else None
+            pressed = len(sim.presses)
             if rng.random() < 0.1:
                 what, accepted, picked = "short", sim.short(n, qty - 1), qty - 1
             else:
                 what, accepted, picked = "confirm", sim.confirm(n, qty), qty
             counts[what if accepted else "ignored"] += 1
             if accepted:
-                seq = sim.presses[pressed].seq if pressed is not None else None
                 record({"kind": what, "position": n, "location": sim.get(f"location_{n}"),
-                        "qty": picked, "display_qty": qty, "seq": seq})
+                        "qty": picked, "display_qty": qty, "seq": sim.presses[pressed].seq})
             else:
                 sim.set(f"display_qty_{n}", shown)
             save()
@@ -356,13 +506,29 @@ def _modbus_station_main(argv: list[str]) -> None:
         rng = random.Random(SEED)
         while True:
             await asyncio.sleep(rng.uniform(*JAM_EVERY_SECS))
+            await running(sim)
             code = rng.choices(list(JAM_CODES), weights=list(JAM_CODES.values()))[0]
             sim.jam(code)
             counts[FAULT_NAMES[code]] += 1
             record({"equipment": CONVEYOR, "reason": FAULT_NAMES[code]})
             save()
             await asyncio.sleep(rng.uniform(*JAM_LASTS_SECS))
+            await running(sim)
             sim.clear()
+
+    async def restart(sim: ConveyorSim | PickToLightSim, down_secs: float, reset: bool) -> None:
+        await sim.restart(down_secs, reset=reset)
+        if isinstance(sim, PickToLightSim):
+            # The presses a power cycle wiped before they were acknowledged: no host may
+            # have read them (the ledger does not expect them, nor hold them against it).
+            for fact, press in zip(truth, sim.presses, strict=False):
+                if press.lost and not fact.get("lost"):
+                    fact["lost"] = True
+                    counts["lost"] += 1
+            write_truth()
+        counts["restarts"] += 1
+        save()
+        print(f"restarted after {down_secs:g} s (reset={reset})", file=sys.stderr, flush=True)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -377,13 +543,39 @@ def _modbus_station_main(argv: list[str]) -> None:
             sim = PickToLightSim()
             script = picker(sim)
         save()
+        tasks: set[asyncio.Task[None]] = set()
         async with sim:
             task = asyncio.create_task(script)
+
+            def command(line: str) -> None:
+                words = line.split()
+                if not line:  # stdin closed: whoever started us is gone
+                    stop.set()
+                elif words == ["quiet"]:
+                    task.cancel()
+                elif (words[:1] == ["restart"] and len(words) in (2, 3)
+                      and words[2:] in ([], ["reset"]) and _secs(words[1]) is not None):
+                    t = asyncio.create_task(
+                        restart(sim, _secs(words[1]) or 0.0, words[2:] == ["reset"]))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                elif words:
+                    print(f"unknown command {line.strip()!r}", file=sys.stderr, flush=True)
+
+            def read_stdin() -> None:  # a daemon thread: a blocked readline never holds up exit
+                while True:
+                    line = sys.stdin.readline()
+                    loop.call_soon_threadsafe(command, line)
+                    if not line:
+                        return
+
             loop.add_signal_handler(signal.SIGUSR1, task.cancel)
+            threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
             print(f"READY {kind} port={sim.port}", flush=True)
             await stop.wait()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for t in (task, *tasks):
+                t.cancel()
+            await asyncio.gather(task, *tasks, return_exceptions=True)
 
     asyncio.run(serve())
 
@@ -404,7 +596,7 @@ class _ModbusSimProc:
             [sys.executable, "-c",
              "import sys; from edge_agent.demo import _modbus_station_main as m; m(sys.argv[1:])",
              kind, str(self.stats_path), f"{rate:g}"],
-            stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=ROOT,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
@@ -413,10 +605,19 @@ class _ModbusSimProc:
             raise RuntimeError(f"the {kind} simulator did not start: {line!r}; see {self.log_path}")
         self.port = int(line.rsplit("port=", 1)[1])
 
+    def _send(self, cmd: str) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(cmd.encode() + b"\n")
+                self.proc.stdin.flush()
+
     def quiet(self) -> None:
         """No more presses or jams: the line is stopping."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)
+        self._send("quiet")
+
+    def restart(self, down_secs: float, *, reset: bool) -> None:
+        """The device restarts now, down for `down_secs` (with `reset`: a power cycle)."""
+        self._send(f"restart {down_secs:g}" + (" reset" if reset else ""))
 
     def stats(self) -> dict[str, int]:
         try:
@@ -436,27 +637,35 @@ class _ModbusSimProc:
 
     def stop(self) -> None:
         stop_process(self.proc)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         self._log.close()
 
 
 class _ModbusLineProc:
-    """The carton line with its checkweigher on Modbus (``simulators.modbus_line``).
+    """A packing station with its checkweigher on Modbus (``simulators.modbus_line``).
 
     Started before the agent (the agent's site needs the checkweigher's port); the cartons
     start only on `go`, once the agent polls the checkweigher. SIGTERM stops the line; the
     checkweigher keeps answering after the last carton (``DONE``, see `done`) until `stop`.
+    ``station``: its name, topic base, scanner and first carton index (`Station`).
     """
 
     def __init__(self, workdir: Path, *, port: int, rate: float, seed: int,
-                 fractions: dict[str, float], ground_truth: Path, protocol: str):
+                 fractions: dict[str, float], ground_truth: Path, protocol: str,
+                 station: Station | None = None):
         self.ground_truth = ground_truth
-        self.log_path = workdir / "line-modbus.log"
+        st = station or Station()
+        self.log_path = workdir / ("line-modbus.log" if station is None
+                                   else f"line-{st.name.lower()}.log")
         self._log = open(self.log_path, "wb")
         args = [sys.executable, "-m", "simulators.modbus_line", "--port", str(port),
                 "--modbus-port", "0", "--forever", "--wait-go", "--hold", "--rate", f"{rate:g}",
-                "--seed", str(seed), "--protocol", protocol, "--ground-truth", str(ground_truth)]
+                "--seed", str(seed), "--protocol", protocol, "--ground-truth", str(ground_truth),
+                "--station", st.name, "--base", st.base, "--scanner-id", st.scanner,
+                "--start-index", str(st.start_index)]
         for k, v in fractions.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         env = dict(os.environ)
@@ -506,14 +715,19 @@ class _SorterProc:
 
     Its induct gate stays closed until `go` (the agent is subscribed by then, so it sees
     every carton from its induct on); `pause` closes it and `done` tells when the belt is
-    empty; SIGTERM (`stop`) writes its ground truth, read by `truth`.
+    empty; `write_truth` and `restart` are the operator's ``truth`` and ``restart``
+    commands, answered by `answered`; SIGTERM (`stop`) writes its ground truth, read by
+    `truth`. A thread reads what it prints.
     """
 
     def __init__(self, workdir: Path, *, rate: float, seed: int):
         self.ground_truth = workdir / "sorter_truth.json"
         self.log_path = workdir / "sim-SORTER1.log"
         self._log = open(self.log_path, "wb")
-        self._done = False
+        self._changed = threading.Condition()
+        self._answers: Counter[str] = Counter()  # first word of each line printed
+        self._awaiting_done = False
+        self._eof = False
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
@@ -529,6 +743,22 @@ class _SorterProc:
             self.stop()
             raise RuntimeError(f"the OPC UA sorter did not start: {line!r}; see {self.log_path}")
         self.endpoint = line.split("endpoint=", 1)[1].split()[0]
+        self._reader = threading.Thread(target=self._read, name="sorter-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            word = raw.decode(errors="replace").split(maxsplit=1)[:1]
+            with self._changed:
+                if word:
+                    self._answers[word[0]] += 1
+                if word == ["DONE"]:
+                    self._awaiting_done = False
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
 
     def _send(self, cmd: str) -> None:
         if self.proc.poll() is None and self.proc.stdin is not None:
@@ -540,18 +770,31 @@ class _SorterProc:
         self._send("go")
 
     def pause(self) -> None:
+        """Close the induct gate; `done` tells when the cartons on the belt are."""
+        with self._changed:
+            if self._awaiting_done:
+                return  # the last pause's DONE is still to come, and answers this one too
+            self._awaiting_done = True
         self._send("pause")
 
     def done(self, timeout_secs: float) -> bool:
         """Whether every inducted carton is done (after `pause`), waiting up to the timeout."""
-        assert self.proc.stdout is not None
-        if self._done or self.proc.poll() is not None:
-            return True
-        readable, _, _ = select.select([self.proc.stdout], [], [], timeout_secs)
-        if readable:
-            line = self.proc.stdout.readline()
-            self._done = not line or line.startswith(b"DONE")
-        return self._done
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not self._awaiting_done or self._eof, timeout_secs)
+
+    def answers(self, word: str) -> int:
+        """How many lines starting with `word` (TRUTH, RESTARTED) it printed so far."""
+        with self._changed:
+            return self._answers[word]
+
+    def write_truth(self) -> None:
+        """Its ground truth so far into `ground_truth` (answered by a TRUTH line)."""
+        self._send("truth")
+
+    def restart(self, down_secs: float) -> None:
+        """Its OPC UA server restarts, down `down_secs` (answered by a RESTARTED line)."""
+        self._send(f"restart {down_secs:g}")
 
     def truth(self) -> list[dict[str, Any]] | None:
         """Its ground truth, written when it stopped; None if it was not."""
@@ -563,10 +806,13 @@ class _SorterProc:
 
     def stop(self) -> None:
         stop_process(self.proc, 10)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdout.close()
         self._log.close()
 
 
@@ -609,14 +855,48 @@ def _modbus_checkweigher(text: str, port: int) -> str:
     return text.replace(rule, f"weight: {{device: {MODBUS_CW}, event: weight}}")
 
 
+def _add_modbus_station(text: str, port: int) -> str:
+    """SITE_FILE's text plus the second packing station STATION2: its scanner on MQTT, the
+    Modbus checkweigher MODBUS_CW listening on `port`, and its rule, a copy of CLOSE1's."""
+    lines = text.splitlines(keepends=True)
+    first = [i for i, ln in enumerate(lines) if ln == "  - name: close-station-1\n"]
+    devices = [i for i, ln in enumerate(lines) if ln == "devices:\n"]
+    if len(first) != 1 or len(devices) != 1:
+        raise ValueError(f"{SITE_FILE.name} has no single close-station-1 rule and devices map")
+    end = first[0] + 1
+    while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+        end += 1
+    rule = "".join(lines[first[0]:end]).rstrip("\n") + "\n\n"
+    for old, new in (("close-station-1", STATION2_RULE), ("{device: SCN1,", "{device: SCN2,"),
+                     ("{device: CW1,", f"{{device: {MODBUS_CW},"), ("CLOSE1", STATION2.name)):
+        if old not in rule:
+            raise ValueError(f"{SITE_FILE.name}'s close-station-1 rule has no {old!r}")
+        rule = rule.replace(old, new)
+    added = (
+        f"  {STATION2.scanner}:\n"
+        f"    profile: generic_json_scanner\n"
+        f"    description: Label scanner at closing station 2\n"
+        f"    connection: {{kind: mqtt, broker: local, "
+        f"topic_base: {STATION2.base}/scanner/{STATION2.scanner}}}\n"
+        f"  {MODBUS_CW}:\n"
+        f"    profile: {MODBUS_CW_PROFILE}\n"
+        f"    description: Checkweigher at closing station 2 (Modbus TCP)\n"
+        f"    connection: {{kind: modbus, host: 127.0.0.1, port: {port}, timeout_ms: 500}}\n"
+    )
+    lines[end:end] = [rule]
+    lines[devices[0] + 1:devices[0] + 1] = [added]
+    return "".join(lines)
+
+
 def write_demo_site(
     workdir: Path, *, broker_port: int, wms_url: str, erp_url: str, protocol: str,
     modbus_ports: dict[str, int], checkweigher_port: int | None = None,
-    sorter_endpoint: str | None = None,
+    sorter_endpoint: str | None = None, station2_port: int | None = None,
 ) -> Path:
     """The demo's site file, pointed at this run's broker, receivers and simulators.
 
-    With `checkweigher_port`, the station's checkweigher is the Modbus CW2 listening there.
+    With `checkweigher_port`, the station's checkweigher is the Modbus CW2 listening there;
+    with `station2_port`, a second station STATION2 weighs on the Modbus CW2 listening there.
     """
     replace = {f"port: {MODBUS_PORTS[d]}": f"port: {p}" for d, p in modbus_ports.items()}
     if sorter_endpoint is not None:
@@ -625,6 +905,8 @@ def write_demo_site(
                      protocol=protocol, replace=replace)
     if checkweigher_port is not None:
         text = _modbus_checkweigher(text, checkweigher_port)
+    if station2_port is not None:
+        text = _add_modbus_station(text, station2_port)
     path = workdir / "site.yaml"
     path.write_text(text)
     return path
@@ -943,6 +1225,8 @@ class _Outcome:
     sorter: _SorterOutcome | None = None
     problems: list[str] = field(default_factory=list)  # the run went wrong: it fails whatever the ledger says
     notes: list[str] = field(default_factory=list)  # what explains a ledger not balancing
+    faults: list[dict[str, Any]] = field(default_factory=list)  # `_FaultRun.to_json`
+    clocks: dict[str, float] = field(default_factory=dict)  # device -> clock offset (s)
 
     @property
     def ok(self) -> bool:
@@ -954,9 +1238,20 @@ class Demo:
     """One run: start everything, show it, stop it in order, account for every carton."""
 
     def __init__(self, *, rate: float, seconds: float, workdir: Path, signals: _Signals,
-                 console: Console, interactive: bool, checkweigher: str = "mqtt"):
+                 console: Console, interactive: bool, checkweigher: str = "mqtt",
+                 faults: list[Fault] | None = None, clocks: dict[str, float] | None = None,
+                 modbus_station: bool = False, sorter_rate: float = SORTER_RATE):
         self.rate = rate
         self.checkweigher = checkweigher
+        self.clocks = dict(clocks or {})
+        self.sorter_rate = sorter_rate
+        self.fault_runs = [_FaultRun(f) for f in sorted(faults or [], key=lambda f: f.at_secs)]
+        # The second packing station, CLOSE2 with its checkweigher on Modbus.
+        self.line2: _ModbusLineProc | None = None
+        self.truth2 = _GroundTruth(workdir / "ground_truth_close2.json") if modbus_station else None
+        # How long the agent must have watched every device before the line starts: its
+        # longest correlation window (a counting window never makes an event from absence).
+        self.judge_window_secs = 0.0
         self.seconds = seconds
         self.workdir = workdir
         self.signals = signals
@@ -988,9 +1283,11 @@ class Demo:
         self._backlog: dict[str, int] | None = None
         self._backlog_at = 0.0
         self._bus_seen = 0  # bus events looked at for pick/fault events
+        self._sorter_seen: set[tuple[str, str, str]] = set()  # sorter events on the bus
         self._pick_ids: dict[str, set[str]] = {t: set() for t in (*PICK_TYPES, *SORTER_TYPES)}
         self._last_fault: tuple[float, str] | None = None
         self._sample = _Sample()
+        self._sorter_want: set[tuple[str, str, str]] = set()  # before a restart of the sorter
         self._phase = "starting"
         self._last_progress = 0.0
         self._refresh: Callable[[], None] = lambda: None
@@ -1011,6 +1308,15 @@ class Demo:
         outcome = self._account()
         self.close()
         self._print_summary(outcome)
+        path = self.workdir / LEDGER_FILE
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ledger_document(outcome, rate=self.rate), indent=1) + "\n")
+            os.replace(tmp, path)
+            self._say(f"ledger written to {path}")
+        except OSError as exc:
+            self._say(f"could not write {path}: {exc}")
+            return 1
         return 0 if outcome.ok else 1
 
     def _start(self) -> None:
@@ -1021,7 +1327,7 @@ class Demo:
                 f"starting: broker, stand-in WMS and ERP, Modbus conveyor, pick-to-light{cw}, "
                 f"OPC UA sorter, agent (workdir {wd})"
             )
-            self.broker = local_broker(wd / "broker")
+            self.broker = _broker(wd / "broker")
             if isinstance(self.broker, EmbeddedBroker):
                 self._say("mosquitto is not installed: using the embedded amqtt broker (MQTT 3.1.1)")
             for name in RECEIVERS:
@@ -1029,8 +1335,8 @@ class Demo:
             for dev, kind in MODBUS_KINDS.items():
                 rate = PICK_PRESSES_PER_SEC if kind == "pick_to_light" else self.rate
                 self.sims[dev] = _ModbusSimProc(dev, kind, wd, rate)
-            self.sorter = _SorterProc(wd, rate=SORTER_RATE, seed=SEED)
-            cw_port = None
+            self.sorter = _SorterProc(wd, rate=self.sorter_rate, seed=SEED)
+            cw_port = station2_port = None
             if self.checkweigher == "modbus":
                 # Its checkweigher listens now; its cartons start once the agent polls it.
                 modbus_line = _ModbusLineProc(
@@ -1039,12 +1345,20 @@ class Demo:
                 )
                 self.line = modbus_line
                 cw_port = modbus_line.modbus_port
+            elif self.truth2 is not None:
+                self.line2 = _ModbusLineProc(
+                    wd, port=self.broker.port, rate=STATION2_RATE, seed=SEED, fractions=FRACTIONS,
+                    ground_truth=self.truth2.path, protocol=self.broker.protocol,
+                    station=STATION2,
+                )
+                station2_port = self.line2.modbus_port
             config = write_demo_site(
                 wd, broker_port=self.broker.port,
                 wms_url=self.receivers["wms"].url, erp_url=self.receivers["erp"].url,
                 protocol=self.broker.protocol,
                 modbus_ports={d: sim.port for d, sim in self.sims.items()},
                 checkweigher_port=cw_port, sorter_endpoint=self.sorter.endpoint,
+                station2_port=station2_port,
             )
             site, _profiles = load_site(config)
             self._learn(site)
@@ -1054,9 +1368,13 @@ class Demo:
             bus_cfg = site.sinks[BUS]
             assert isinstance(bus_cfg, MqttSinkConfig)
             prefix = bus_cfg.prefix.replace("{site}", site.site)
-            # Subscribed before the agent starts, so it sees every event the bus carries.
+            # Subscribed before the agent starts, so it sees every event the bus carries; with
+            # a persistent session (mosquitto), also what is published while it reconnects
+            # after a broker outage.
             self.bus = BusRecorder(
-                self.broker.host, self.broker.port, f"{prefix}/events/#", self.broker.protocol
+                self.broker.host, self.broker.port, f"{prefix}/events/#", self.broker.protocol,
+                client_id=(f"edge-agent-demo-bus-{os.getpid()}"
+                           if isinstance(self.broker, Mosquitto) else None),
             )
             self.agent = AgentProc(config, wd).start()
         if not self._wait_ready():
@@ -1064,17 +1382,20 @@ class Demo:
         # The sorter's cartons start once the agent is subscribed: it sees each from its induct.
         if not self._wait_online(f"opcua:{SORTER}", SORTER_READY_SECS):
             return
-        self.sorter.go()
-        if isinstance(self.line, _ModbusLineProc):
+        if isinstance(self.line, _ModbusLineProc) or self.line2 is not None:
             if not self._wait_polled(f"modbus:{MODBUS_CW}"):
                 return
+        self.sorter.go()
+        if self.line2 is not None:
+            self.line2.go()
+        if isinstance(self.line, _ModbusLineProc):
             self.line.go()
         else:
             with _children_deaf_to_ctrl_c():
                 self.line = LineProc(
                     wd, port=self.broker.port, count=None, rate=self.rate, seed=SEED,
                     fractions=FRACTIONS, ground_truth=self.truth.path,
-                    protocol=self.broker.protocol,
+                    protocol=self.broker.protocol, clocks=self.clocks,
                 )
         self.line_started = time.monotonic()
         self._phase = "running"
@@ -1089,8 +1410,17 @@ class Demo:
         modbus = [f"{d} ({s.kind}) 127.0.0.1:{s.port}" for d, s in self.sims.items()]
         if isinstance(self.line, _ModbusLineProc):
             modbus.append(f"{MODBUS_CW} (checkweigher) 127.0.0.1:{self.line.modbus_port}")
+        if self.line2 is not None:
+            modbus.append(f"{MODBUS_CW} (checkweigher of {STATION2.name} at {STATION2_RATE:g} "
+                          f"cartons/s) 127.0.0.1:{self.line2.modbus_port}")
         self._say("Modbus " + ", ".join(modbus))
-        self._say(f"OPC UA sorter {SORTER} {self.sorter.endpoint} at {SORTER_RATE:g} cartons/s")
+        self._say(f"OPC UA sorter {SORTER} {self.sorter.endpoint} at {self.sorter_rate:g} "
+                  f"cartons/s")
+        if self.clocks:
+            self._say("device clocks: " + ", ".join(
+                f"{d} {o:+g} s" for d, o in sorted(self.clocks.items())))
+        for run in self.fault_runs:
+            self._say(f"fault planned: {run.fault}")
 
     def _learn(self, site: Any) -> None:
         for name in DESTINATIONS:
@@ -1101,6 +1431,9 @@ class Demo:
                 raise ValueError(f"the demo site's sink {name!r} is not an http sink")
             self.types[name] = set(cfg.event_types) if cfg.event_types is not None else None
         self.counting_rules = {r.name for r in site.rules if getattr(r, "kind", None) == "count"}
+        self.judge_window_secs = max(
+            (r.window_secs + r.allowed_lateness_secs for r in site.rules
+             if getattr(r, "kind", None) == "correlate"), default=0.0)
         devices: dict[str, list[str]] = {}
         for dev_id, dev in site.devices.items():
             broker = getattr(dev.connection, "broker", None)
@@ -1113,15 +1446,27 @@ class Demo:
         )
 
     def _wait_ready(self) -> bool:
+        """Until every connector is online and the agent has watched every device for its
+        longest correlation window: a line started then is judged in full (an exception
+        about a time before a device was watched would be a gap).
+
+        Not `AgentProc.wait_ready`: it waits for the agent's ``max_window_secs``, which
+        counts the sorter's 600 s recirculation count (no event comes from a counting
+        window closing, so no gap either)."""
         assert self.agent is not None
-        deadline = time.monotonic() + AGENT_READY_SECS
+        deadline = time.monotonic() + AGENT_READY_SECS + self.judge_window_secs
         while not self.signals.stop:
-            try:
-                self.agent.wait_ready(timeout_secs=0.5)
+            st = self.agent.status()
+            if st is not None and st.get("pid") == self.agent.pid and _covered(
+                    st, self.judge_window_secs):
                 return True
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
+            if self.agent.proc is not None and self.agent.proc.poll() is not None:
+                raise RuntimeError(f"the agent exited with {self.agent.proc.returncode}; "
+                                   f"see {self.agent.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the agent was not ready within "
+                                   f"{deadline - self.started:.0f} s; see {self.agent.log_path}")
+            time.sleep(0.1)
         return False
 
     def _wait_online(self, connector: str, timeout_secs: float) -> bool:
@@ -1167,6 +1512,8 @@ class Demo:
         steps: list[tuple[str, Callable[[], Any]]] = []
         if self.line is not None:
             steps.append(("line", self.line.stop))
+        if self.line2 is not None:
+            steps.append((f"line of {STATION2.name}", self.line2.stop))
         if self.agent is not None and (agent_proc := self.agent.proc) is not None:
             steps.append(("agent", lambda: _terminate(agent_proc, AGENT_STOP_SECS)))
         steps += [(f"{s.kind} simulator", s.stop) for s in self.sims.values()]
@@ -1249,7 +1596,7 @@ class Demo:
         if now - self._backlog_at >= BACKLOG_EVERY_SECS:
             self._backlog_at = now
             self._backlog = self.outbox.pending()
-        cartons = self.truth.poll()
+        cartons = self.truth.poll() + (self.truth2.poll() if self.truth2 is not None else 0)
         self._watch_bus()
         if st is not None:
             for name, c in st["connectors"].items():
@@ -1272,6 +1619,7 @@ class Demo:
         with self.bus.lock:
             new = self.bus.events[self._bus_seen:]
             self._bus_seen += len(new)
+        self._sorter_seen.update(sorter_received(new, types=SORTER_TYPES))
         for ev in new:
             ids = self._pick_ids.get(ev.get("type", ""))
             if ids is None or ev["id"] in ids:
@@ -1308,16 +1656,156 @@ class Demo:
                     f"the carton line exited unexpectedly ({rc}); see {self.line.log_path}"
                 )
                 break
+            if self.line2 is not None and (rc := self.line2.proc.poll()) is not None:
+                self.problems.append(
+                    f"the line of {STATION2.name} exited unexpectedly ({rc}); "
+                    f"see {self.line2.log_path}"
+                )
+                break
             if self.sorter is not None and (rc := self.sorter.proc.poll()) is not None:
                 self.problems.append(
                     f"the OPC UA sorter exited unexpectedly ({rc}); see {self.sorter.log_path}"
                 )
                 break
+            self._step_faults()
             self._tick()
+
+    # --- faults ------------------------------------------------------------------------------
+
+    def _fault_say(self, run: _FaultRun, msg: str) -> None:
+        ran = time.monotonic() - (self.line_started or self.started)
+        self._say(f"[{ran:7.1f}s] fault {run.fault}: {msg}")
+
+    def _step_faults(self) -> None:
+        """Begin the faults that are due and move the ones under way on (never blocks for
+        long: the view keeps refreshing)."""
+        if self.line_started is None:
+            return
+        now = time.monotonic()
+        for run in self.fault_runs:
+            if run.step == "done":
+                continue
+            if run.step == "pending":
+                if now - self.line_started < run.fault.at_secs:
+                    continue
+                run.began = now - self.line_started
+            try:
+                self._step_fault(run, now)
+            except (RuntimeError, OSError) as exc:
+                self.problems.append(f"fault {run.fault} failed: {exc}")
+                run.notes.append(f"failed: {exc}")
+                run.step = "done"
+            if run.step == "done" and run.ended is None:
+                run.ended = time.monotonic() - self.line_started
+
+    def _step_fault(self, run: _FaultRun, now: float) -> None:
+        f = run.fault
+        if f.kind == "broker-outage":
+            assert isinstance(self.broker, Mosquitto)
+            if run.step == "pending":
+                self._fault_say(run, f"stopping the broker for {f.down_secs:g} s")
+                self.broker.stop()  # a clean stop: mosquitto saves sessions and queues
+                run.step, run.until = "down", time.monotonic() + f.down_secs
+            elif now >= run.until:
+                self.broker.start()
+                self._fault_say(run, f"broker back on port {self.broker.port}")
+                run.step = "done"
+        elif f.device in self.sims:
+            if run.step == "pending":
+                reset = f.kind == "power-cycle"
+                self._fault_say(run, f"{f.device} {'loses power' if reset else 'restarts'}, "
+                                     f"down {f.down_secs:g} s")
+                self.sims[f.device].restart(f.down_secs, reset=reset)
+                run.step, run.until = "down", now + f.down_secs
+            elif now >= run.until:
+                self._fault_say(run, f"{f.device} is back")
+                run.step = "done"
+        else:
+            self._step_sorter_restart(run, now)
+
+    def _step_sorter_restart(self, run: _FaultRun, now: float) -> None:
+        """Restart the OPC UA sorter losing nothing: induct stopped, belt empty, the agent has
+        every event of it, restart, induct again once the agent is subscribed again.
+
+        A server restart drops the notifications it had queued but not yet published (the
+        agent reports a counter gap and the events in it are unseen), so this waits for what
+        a restart would lose to be delivered first."""
+        sorter = self.sorter
+        assert sorter is not None and self.agent is not None
+        f = run.fault
+
+        def late(what: str) -> None:
+            run.notes.append(what)
+            self.notes.append(f"fault {f}: {what}")
+
+        if run.step == "pending":
+            self._fault_say(run, "induct stopped until the belt is empty")
+            sorter.pause()
+            run.step, run.until = "emptying", now + SORTER_STOP_SECS
+        elif run.step == "emptying":
+            if not sorter.done(0) and now < run.until:
+                return
+            if now >= run.until:
+                late(f"the belt was not empty after {SORTER_STOP_SECS:g} s")
+            run.mark = sorter.answers("TRUTH")
+            sorter.write_truth()
+            run.step, run.until = "truth", now + SORTER_STOP_SECS
+        elif run.step == "truth":
+            if sorter.answers("TRUTH") > run.mark:
+                truth = sorter.truth() or []
+                self._sorter_want = set(sorter_expected(truth))
+                run.step, run.until = "catching-up", now + SORTER_CATCH_UP_SECS
+            elif now >= run.until:
+                late("the sorter did not write its ground truth; restarting anyway")
+                self._sorter_want = set()
+                run.step = "catching-up"
+        elif run.step == "catching-up":
+            missing = self._sorter_want - self._sorter_seen
+            if missing and now < run.until:
+                return
+            if missing:
+                late(f"{len(missing)} sorter events were not on the bus "
+                     f"{SORTER_CATCH_UP_SECS:g} s after the belt was empty; restarting anyway")
+            st = self.agent.status() or {}
+            run.mark = int(st.get("connectors", {}).get(f"opcua:{SORTER}", {}).get("restarts", 0))
+            run.answered = sorter.answers("RESTARTED")
+            self._fault_say(run, f"belt empty, the agent has its {len(self._sorter_want):,} "
+                                 f"events: restarting the server, down {f.down_secs:g} s")
+            sorter.restart(f.down_secs)
+            run.step, run.until = "restarting", now + f.down_secs + SORTER_BACK_SECS
+        elif run.step == "restarting":
+            st = self.agent.status() or {}
+            c = st.get("connectors", {}).get(f"opcua:{SORTER}", {})
+            back = (sorter.answers("RESTARTED") > run.answered and c.get("restarts", 0) > run.mark
+                    and c.get("state") == "online")
+            if not back and now < run.until:
+                return
+            if not back:
+                late(f"the agent was not subscribed again {SORTER_BACK_SECS:g} s after the "
+                     f"restart; induct opened anyway")
+            self._fault_say(run, "the agent is subscribed again: induct open")
+            sorter.go()
+            run.step = "done"
+
+    def _end_faults(self) -> None:
+        """The run ends: a broker still down comes back (the agent must drain)."""
+        for run in self.fault_runs:
+            if run.step == "pending":
+                run.notes.append("not begun: the run ended first")
+                run.step = "done"
+            elif run.step != "done":
+                if run.fault.kind == "broker-outage" and isinstance(self.broker, Mosquitto):
+                    self.broker.start()
+                    self._fault_say(run, "broker back (the run ends)")
+                run.notes.append(f"cut short in step {run.step!r} by the end of the run")
+                run.step = "done"
+                if self.line_started is not None:
+                    run.ended = time.monotonic() - self.line_started
 
     # --- stopping ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        self._end_faults()
         self.modbus_at_stop = {n: c.get("state") for n, c in self.modbus.items()}
         st = self._sample.status or {}
         self.sorter_at_stop = st.get("connectors", {}).get(f"opcua:{SORTER}", {}).get("state")
@@ -1325,6 +1813,8 @@ class Demo:
             sim.quiet()  # no more presses or jams: what was pressed is still acknowledged
         if self.sorter is not None:
             self.sorter.pause()  # no more inducts: the cartons on the belt finish
+        if self.line2 is not None and self.line2.proc.poll() is None:
+            self.line2.proc.terminate()  # it finishes the cartons it started
         if self.line is not None:
             self._phase = "stopping the line (it finishes the cartons it started)"
             if isinstance(self.line, _ModbusLineProc):
@@ -1337,6 +1827,9 @@ class Demo:
                     f"the carton line exited with {self.line.proc.returncode} (publishes the "
                     f"broker did not acknowledge?); see {self.line.log_path}"
                 )
+        if self.line2 is not None:
+            self._phase = f"stopping the line of {STATION2.name}"
+            self._wait_done(self.line2, terminate=False)
         if self.sorter is not None:
             self._wait_sorter(self.sorter)
         if self.agent is not None and self.agent.proc is not None:
@@ -1413,9 +1906,10 @@ class Demo:
             self._poll()
             self._refresh()
 
-    def _wait_done(self, line: _ModbusLineProc) -> None:
-        """SIGTERM and wait until its last carton is weighed; its checkweigher stays up."""
-        if line.proc.poll() is None:
+    def _wait_done(self, line: _ModbusLineProc, *, terminate: bool = True) -> None:
+        """SIGTERM (unless sent already) and wait until its last carton is weighed; its
+        checkweigher stays up."""
+        if terminate and line.proc.poll() is None:
             line.proc.terminate()
         deadline = time.monotonic() + LINE_STOP_SECS
         while not line.done(REFRESH_SECS / 2):
@@ -1445,7 +1939,7 @@ class Demo:
     # --- accounting --------------------------------------------------------------------------
 
     def _account(self) -> _Outcome:
-        cartons = self.truth.load()
+        cartons = self.truth.load() + (self.truth2.load() if self.truth2 is not None else [])
         received: dict[str, list[dict[str, Any]]] = {}
         for name, r in self.receivers.items():
             try:
@@ -1489,6 +1983,8 @@ class Demo:
                 self.sorter.truth(), received["wms"], self.sorter_at_stop),
             problems=self.problems,
             notes=self.notes,
+            faults=[run.to_json() for run in self.fault_runs],
+            clocks=self.clocks,
         )
 
     def _ledger(self, cartons: list[dict[str, Any]],
@@ -1510,7 +2006,15 @@ class Demo:
             if done is None:
                 self.problems.append(f"the {device} simulator's ground truth could not be read")
             elif sim.kind == "pick_to_light":
-                facts += press_facts(done)
+                # A press a power cycle wiped before its acknowledge: no fact (the agent may
+                # or may not have read it before the power went), so out of scope.
+                lost = {(str(p["location"]), p.get("seq")) for p in done if p.get("lost")}
+                facts += press_facts([p for p in done if not p.get("lost")])
+                if lost:
+                    out_of_scope.append(lambda e, lost=lost: (
+                        e.get("type") in ("pick_confirmed", "pick_short")
+                        and (str((e.get("data") or {}).get("location")),
+                             (e.get("data") or {}).get("press_seq")) in lost))
             else:
                 facts += fault_facts(done)
         return account(
@@ -1571,8 +2075,11 @@ def _modbus_lines(o: _Outcome) -> list[Text]:
             f"  pick-to-light PTL1  {presses:,} presses (confirm {ptl.get('confirm', 0):,}, "
             f"short {ptl.get('short', 0):,}"
             + (f", {ptl['ignored']:,} ignored while unacknowledged" if ptl.get("ignored") else "")
+            + (f", {ptl['lost']:,} lost in a power cycle before their acknowledge"
+               if ptl.get("lost") else "")
             + "): "
         )
+        presses -= ptl.get("lost", 0)
         # The presses are facts of the ledger: each one must be a pick event everywhere.
         rows = [o.ledger.rows.get(("wms", t)) for t in ("pick_confirmed", "pick_short")]
         if all(r is None or r.exact for r in rows):
@@ -1582,9 +2089,11 @@ def _modbus_lines(o: _Outcome) -> list[Text]:
             line.append(f"{delivered:,} pick events at wms: see the ledger", style="yellow")
         lines.append(line)
     cw = o.modbus.get(f"modbus:{MODBUS_CW}")
-    if o.checkweigher == "modbus" and cw is not None:
+    if cw is not None:
         # A weighing the agent's polls missed shows as a counter gap (and a wrong ledger).
-        weighed = sum(1 for c in o.cartons if c.get("outcome") != "missing_weight")
+        station = "CLOSE1" if o.checkweigher == "modbus" else STATION2.name
+        weighed = sum(1 for c in o.cartons
+                      if c.get("station") == station and c.get("outcome") != "missing_weight")
         gaps = sum((cw.get("counter_gaps") or {}).values())
         lines.append(Text(
             f"  checkweigher {MODBUS_CW}    {weighed:,} weighings on Modbus, "
@@ -1593,6 +2102,7 @@ def _modbus_lines(o: _Outcome) -> list[Text]:
         ))
     conv = o.sims.get("CONV1")
     if conv is not None:
+        conv = {k: n for k, n in conv.items() if k in FAULT_NAMES.values()}
         stops = sum(conv.values())
         faults = o.picks.get("wms", Counter())["equipment_fault"]
         lines.append(Text(
@@ -1642,12 +2152,15 @@ def ledger_lines(ledger: Ledger) -> list[Text]:
 def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
     """The end-of-run report: what was simulated, emitted, delivered, and the ledger."""
     outcomes = Counter(c.get("outcome", "?") for c in o.cartons)
+    stations = Counter(str(c.get("station", "?")) for c in o.cartons)
     total_events = sum(o.events_by_type.values())
     lines = [
         Text(f"edge-agent demo summary: the line ran {o.ran_secs:.1f} s at {rate:g} cartons/s "
              f"(workdir {workdir})", style="bold"),
         Text(f"  cartons simulated   {len(o.cartons):,}  ("
              + ", ".join(f"{k} {n:,}" for k, n in sorted(outcomes.items())) + ")"),
+        *([Text("  stations            " + ", ".join(
+            f"{name} {n:,}" for name, n in sorted(stations.items())))] if len(stations) > 1 else []),
         Text(f"  business events     {total_events:,}  ("
              + ", ".join(f"{k} {n:,}" for k, n in sorted(o.events_by_type.items())) + ")"),
         Text("  delivered           "
@@ -1663,6 +2176,17 @@ def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
         *_sorter_lines(o),
         *ledger_lines(o.ledger),
     ]
+    for f in o.faults:
+        began, ended = f.get("began_secs"), f.get("ended_secs")
+        when = ("not begun" if began is None else
+                f"from {began:.1f} s to {ended:.1f} s of the run" if ended is not None else
+                f"from {began:.1f} s of the run")
+        lines.append(Text(f"  fault               {f['fault']}: {when}"
+                          + "".join(f"; {n}" for n in f.get("notes", [])),
+                          style="yellow" if f.get("notes") else ""))
+    if o.clocks:
+        lines.append(Text("  device clocks       " + ", ".join(
+            f"{d} {off:+g} s" for d, off in sorted(o.clocks.items()))))
     lines += [Text(f"  note: {n}", style="yellow") for n in o.notes]
     lines += [Text(f"  problem: {p}", style="bold red") for p in o.problems]
     dests = ", ".join(DESTINATIONS[:-1]) + f" and {DESTINATIONS[-1]}"
@@ -1689,6 +2213,58 @@ def summary_lines(o: _Outcome, *, rate: float, workdir: Path) -> list[Text]:
     return lines
 
 
+LEDGER_FILE = "ledger.json"
+
+
+def ledger_document(o: _Outcome, *, rate: float) -> dict[str, Any]:
+    """The run's outcome, machine-readable (``<workdir>/ledger.json``): the ledger's rows
+    per sink and event type (and each sink's total), the verdict, what was simulated and
+    the faults injected."""
+    rows = []
+    for (sink, type_), r in sorted(o.ledger.rows.items()):
+        rows.append(_row_json(r, sink, type_))
+    rows += [_row_json(o.ledger.total(sink), sink, "total") for sink in o.ledger.sinks]
+    ptl = o.sims.get("PTL1", {})
+    return {
+        "ok": o.ok,
+        "exactly_once": o.ledger.exactly_once,
+        "verdict": o.ledger.verdict(),
+        "rate": rate,
+        "ran_secs": round(o.ran_secs, 3),
+        "cartons": len(o.cartons),
+        "stations": dict(Counter(str(c.get("station", "?")) for c in o.cartons)),
+        "carton_outcomes": dict(Counter(c.get("outcome", "?") for c in o.cartons)),
+        "events_by_type": o.events_by_type,
+        "delivered": o.delivered,
+        "dead": o.dead,
+        "bad_payloads": o.bad_payloads,
+        "presses": {"confirm": ptl.get("confirm", 0), "short": ptl.get("short", 0),
+                    "lost": ptl.get("lost", 0), "ignored": ptl.get("ignored", 0)},
+        "pick_events": {n: dict(c) for n, c in o.picks.items()},
+        "sims": o.sims,
+        "modbus": {n: {k: c.get(k) for k in ("state", "state_at_stop", "polls", "restarts",
+                                             "counter_gaps")} for n, c in o.modbus.items()},
+        "sorter": None if o.sorter is None else {
+            "inducted": o.sorter.inducted, "done": o.sorter.done,
+            "truth_read": o.sorter.truth_read, "state_at_stop": o.sorter.state_at_stop},
+        "faults": o.faults,
+        "clocks": o.clocks,
+        "rows": rows,
+        "examples": o.ledger.examples(limit=50, categories=("wrong", "missing", "invented",
+                                                            "dup_facts")),
+        "ignored": o.ledger.ignored,
+        "notes": o.notes,
+        "problems": o.problems,
+    }
+
+
+def _row_json(r: Any, sink: str, type_: str) -> dict[str, Any]:
+    return {"sink": sink, "type": type_, "expected": r.expected, "received": r.received,
+            "delivered": r.delivered, "wrong": r.wrong, "missing": r.missing,
+            "invented": r.invented, "dup_deliveries": r.dup_deliveries,
+            "dup_facts": r.dup_facts, "precision": r.precision, "recall": r.recall}
+
+
 @contextlib.contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     """This process's own log records go to a file: on the terminal they would tear the view."""
@@ -1703,15 +2279,34 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def run_demo(*, rate: float, seconds: float, workdir: Path, checkweigher: str = "mqtt") -> int:
+def run_demo(*, rate: float, seconds: float, workdir: Path, checkweigher: str = "mqtt",
+             faults: list[str] | None = None, clocks: list[str] | None = None,
+             modbus_station: bool = True, sorter_rate: float = SORTER_RATE,
+             live: bool | None = None) -> int:
     """Run the demo; 0 when every carton is accounted for everywhere, 1 when not, 2 when it
     cannot run here (no mosquitto, bad arguments, a work directory it must not wipe).
 
     ``checkweigher="modbus"``: the packing station's weights come from a Modbus checkweigher
-    (CW2) instead of MQTT (CW1), and the line runs at most at its rate (a few cartons/s).
+    (CW2) instead of MQTT (CW1), and the line runs at most at its rate (a few cartons/s);
+    else ``modbus_station`` adds a second station CLOSE2 weighing on the Modbus CW2.
+    ``faults``: `Fault` specs (FAULT_HELP); ``clocks``: ``DEVICE=SECS`` offsets of the
+    carton line's device clocks; ``live``: the live view (None: when stdout is a terminal),
+    else plain progress lines. The outcome is also written to ``<workdir>/ledger.json``.
     """
-    if rate <= 0:
-        print(f"edge-agent demo: --rate must be > 0, got {rate:g}", file=sys.stderr)
+    if rate <= 0 or sorter_rate <= 0:
+        print(f"edge-agent demo: --rate and --sorter-rate must be > 0, got {rate:g} and "
+              f"{sorter_rate:g}", file=sys.stderr)
+        return 2
+    try:
+        fault_list = [Fault.parse(f) for f in faults or []]
+        clock_offsets = parse_clocks(list(clocks or []))
+    except ValueError as exc:
+        print(f"edge-agent demo: {exc}", file=sys.stderr)
+        return 2
+    embedded = find_mosquitto() is None or os.environ.get("EDGE_AGENT_DEMO_BROKER") == "amqtt"
+    if embedded and any(f.kind == "broker-outage" for f in fault_list):
+        print("edge-agent demo: a broker outage needs mosquitto (the embedded broker keeps no "
+              "sessions across a restart)", file=sys.stderr)
         return 2
     if checkweigher not in CHECKWEIGHERS:
         print(f"edge-agent demo: --checkweigher must be one of {', '.join(CHECKWEIGHERS)}, "
@@ -1743,12 +2338,15 @@ def run_demo(*, rate: float, seconds: float, workdir: Path, checkweigher: str = 
     except (_CannotRun, OSError) as exc:
         print(f"edge-agent demo: {exc}", file=sys.stderr)
         return 2
-    interactive = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    if live is None:
+        live = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     signals = _Signals()
     with signals.installed(), _log_to(workdir / "demo.log"):
         demo = Demo(
             rate=rate, seconds=seconds, workdir=workdir, signals=signals,
-            console=Console(highlight=False), interactive=interactive, checkweigher=checkweigher,
+            console=Console(highlight=False), interactive=live, checkweigher=checkweigher,
+            faults=fault_list, clocks=clock_offsets,
+            modbus_station=modbus_station and checkweigher == "mqtt", sorter_rate=sorter_rate,
         )
         try:
             return demo.run()

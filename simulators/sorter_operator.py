@@ -7,9 +7,20 @@ induct and wait for the belt to empty before reading the ground truth:
     python -m simulators.sorter_operator --port 0 --rate 3 --seed 1 --ground-truth F [--wait-go]
 
 prints ``READY sorter endpoint=opc.tcp://127.0.0.1:N/ ns=2``; then reads commands, one a
-line: ``go`` opens the induct gate (with ``--wait-go`` it starts closed), ``pause`` closes
-it and prints ``DONE`` once every inducted carton reached its final disposition. SIGTERM
-(or SIGINT, or stdin closing) stops the server and writes the ground truth (JSON list).
+line:
+
+- ``go`` opens the induct gate (with ``--wait-go`` it starts closed);
+- ``pause`` closes it and prints ``DONE`` once every inducted carton reached its final
+  disposition;
+- ``truth`` writes the ground truth so far (to ``--ground-truth``) and prints ``TRUTH``;
+- ``restart SECS`` restarts the OPC UA server (`SorterSim.restart`: down for SECS, same
+  port; carton state and counters survive, the belt clock stands still while down) and
+  prints ``RESTARTED``. A restart drops the notifications the server had queued but not
+  yet published, so a caller that must lose nothing pauses first, waits for ``DONE`` and
+  until its client has everything, restarts, and sends ``go`` once the client is back.
+
+SIGTERM (or SIGINT, or stdin closing) stops the server and writes the ground truth (JSON
+list). An unknown command is reported on stderr and ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +37,14 @@ from pathlib import Path
 from .opcua_sorter import SorterSim, add_realism_args, realism_kwargs
 
 DONE_POLL_SECS = 0.05
+
+
+def _secs(text: str) -> float | None:
+    try:
+        secs = float(text)
+    except ValueError:
+        return None
+    return secs if secs >= 0 else None
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -48,10 +67,15 @@ async def _serve(args: argparse.Namespace) -> None:
             print("DONE", flush=True)
 
         waiter: asyncio.Task[None] | None = None
+        restarts: set[asyncio.Task[None]] = set()
+
+        async def restart(down_secs: float) -> None:
+            await sim.restart(down_secs=down_secs)
+            print("RESTARTED", flush=True)
 
         def command(line: str) -> None:
             nonlocal waiter
-            cmd = line.strip()
+            cmd, *rest = line.split() or [""]
             if not line:  # stdin closed
                 stop.set()
             elif cmd == "go":
@@ -60,6 +84,16 @@ async def _serve(args: argparse.Namespace) -> None:
                 sim.pause()
                 if waiter is None or waiter.done():
                     waiter = asyncio.create_task(done_when_empty())
+            elif cmd == "truth" and args.ground_truth is not None:
+                sim.write_ground_truth(args.ground_truth)
+                print("TRUTH", flush=True)
+            elif cmd == "restart" and len(rest) == 1 and _secs(rest[0]) is not None:
+                task = asyncio.create_task(restart(_secs(rest[0]) or 0.0))
+                restarts.add(task)
+                task.add_done_callback(restarts.discard)
+            elif cmd:
+                print(f"sorter_operator: unknown command {line.strip()!r}", file=sys.stderr,
+                      flush=True)
 
         def read_stdin() -> None:  # a daemon thread: a blocked readline never holds up exit
             while True:
@@ -70,10 +104,11 @@ async def _serve(args: argparse.Namespace) -> None:
 
         threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
         await stop.wait()
-        if waiter is not None:
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
+        for task in (waiter, *restarts):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def main(argv: list[str] | None = None) -> int:
