@@ -7,6 +7,7 @@ large in-flight window so manual acknowledgement does not throttle ingest.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -67,6 +68,9 @@ class Mosquitto:
                 [
                     f"listener {self.port} 127.0.0.1",
                     "allow_anonymous true",
+                    # Started as root, mosquitto drops to user 'mosquitto', which cannot write
+                    # its persistence file into our (private) work directory: stay who we are.
+                    f"user {getpass.getuser()}",
                     "persistence true" if self.persistent else "persistence false",
                     f"persistence_location {self.workdir}/",
                     "autosave_interval 1",

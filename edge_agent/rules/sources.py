@@ -7,8 +7,9 @@ about that device's time and coverage, and answers two questions for the rules:
   the rule's input devices of the latest event time each has reported. A device counts in
   that minimum while it is *active* (online and heard from within ``idle_secs``), while it
   is offline but *buffered* (an MQTT QoS 1 persistent session: its messages wait at the
-  broker and will come), and for ``hold_offline_secs`` after any device went offline (it
-  may come back with what it has). A device that is online but quiet does not hold the
+  broker and will come), for ``hold_offline_secs`` after any device went offline (it may
+  come back with what it has), and for as long after it (re)connected until it has said
+  something (after a broker outage the devices may still be reconnecting on their side). A device that is online but quiet does not hold the
   others back, so a checkweigher that falls silent while the scanner keeps sending still
   gets its ``no_weight`` exceptions. When every input is quiet, event time is taken to have
   advanced by the quiet time since each input's latest message (a quiet line still closes
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 NEG_INF = -math.inf
 EPOCH_SECS = 2.0  # arrival time over which a lower (further behind) offset is confirmed
 EPOCH_MIN_MESSAGES = 5  # fewer in an epoch say nothing about its clock
-JUMP_CONFIRM = 3  # messages in a row that agree on a clock further ahead
+JUMP_CONFIRM = 3  # messages in a row that agree on a clock further off
+CONFIRM_SECS = 0.5  # ...arriving over at least this long (not one burst of a backlog)
 MAX_HOLES = 256  # per device, oldest dropped
 
 
@@ -60,7 +62,8 @@ class Source:
         "device", "buffered", "lossless_reconnect", "online", "offline_since", "max_time",
         "last_arrival", "last_time", "skew", "applied", "epoch_start", "epoch_max", "epoch_min",
         "epoch_n",
-        "suspect", "suspect_n", "holes", "outliers",
+        "suspect", "suspect_n", "suspect_since", "live", "online_since", "heard", "holes",
+        "outliers",
     )
 
     def __init__(self, device: str, *, buffered: bool, lossless_reconnect: bool):
@@ -80,6 +83,12 @@ class Source:
         self.epoch_n = 0
         self.suspect = 0.0
         self.suspect_n = 0
+        self.suspect_since = NEG_INF
+        # Its messages are live: nothing kept anywhere can come late (not buffered, or its
+        # session was new when it came online). Then a time behind arrival is a slow clock.
+        self.live = not buffered
+        self.online_since = NEG_INF
+        self.heard = False  # a message came since it was last (re)connected
         # Intervals [start, end) of (normalized) time the agent could not see; end None = open.
         self.holes: list[list[float | None]] = [[NEG_INF, None]] if not buffered else []
         self.outliers = 0
@@ -136,25 +145,32 @@ class Sources:
         if s is None:
             s = self.add(device, buffered=True)  # a device nobody declared: never invent holes
             s.online = True
+        s.heard = True
         d = t - arrival
         skew = s.skew
-        if d > skew + self.tol:
-            # Ahead of any arrival delay: a clock set forward, or one bad stamp.
+        off = d - skew
+        if off > self.tol or (s.live and off < -self.tol):
+            # Ahead of any arrival delay (a clock set forward, or one bad stamp), or behind on
+            # a source that cannot hold a backlog (its messages are live: a slow clock).
             if s.suspect_n and abs(d - s.suspect) <= self.tol:
                 s.suspect_n += 1
             else:
-                s.suspect, s.suspect_n = d, 1
-            if s.suspect_n < JUMP_CONFIRM:
-                s.outliers += 1
-                self.counters["clock_outliers"] += 1
-                if s.outliers == 1:
-                    log.warning(
-                        "device %s sent a time %.1f s ahead of its clock; not trusted for "
-                        "windows (counted as clock_outliers)", device, d - skew,
-                    )
+                s.suspect, s.suspect_n, s.suspect_since = d, 1, arrival
+            if (s.suspect_n < JUMP_CONFIRM or arrival - s.suspect_since < CONFIRM_SECS
+                    or arrival < self.stalled_until):
+                if off > self.tol:
+                    s.outliers += 1
+                    self.counters["clock_outliers"] += 1
+                    if s.outliers == 1:
+                        log.warning(
+                            "device %s sent a time %.1f s ahead of its clock; not trusted for "
+                            "windows (counted as clock_outliers)", device, off,
+                        )
                 s.last_arrival = arrival
-                return s.last_time if s.last_time != NEG_INF else t - d  # its latest, or now
-            s.skew = d  # several in a row agree: the clock was set forward
+                if s.live or s.last_time == NEG_INF:
+                    return arrival  # live: it happened about now
+                return s.last_time  # a replay: no later than its latest trusted time
+            s.skew = d  # several in a row, over a while, agree: the clock is off by that
             s.suspect_n = 0
             s.epoch_start, s.epoch_max, s.epoch_min, s.epoch_n = arrival, d, d, 0
             self._apply(s)
@@ -207,10 +223,14 @@ class Sources:
         s.online = online
         if not online:
             s.offline_since = now
+            s.live = not s.buffered  # what it sent meanwhile may come late, at reconnect
             if not s.buffered:
                 self._hole(s, now - self.margin, None)
             return
-        s.last_arrival = now  # it may bring a backlog: hold for idle_secs
+        s.last_arrival = now
+        s.online_since = now
+        s.heard = False  # until it speaks, it may still be reconnecting on its side
+        s.live = not s.buffered or not resumed
         down_for = now - s.offline_since
         lost = not resumed if s.buffered else not (
             s.lossless_reconnect and down_for <= self.hold_offline_secs
@@ -259,7 +279,8 @@ class Sources:
             if s is None:
                 continue
             if s.online:
-                holds = stalled or now - s.last_arrival <= idle
+                holds = stalled or now - s.last_arrival <= idle or (
+                    not s.heard and now - s.online_since <= self.hold_offline_secs)
             else:
                 holds = s.buffered or now - s.offline_since <= self.hold_offline_secs
             if holds:

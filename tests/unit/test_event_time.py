@@ -81,21 +81,40 @@ def test_silent_checkweigher_still_gives_its_no_weight(close_cfg):
 
 def test_quiet_line_closes_windows_on_quiet_time(close_cfg):
     h = line(close_cfg)
+    h.feed(scan(0, T0 - 0.5), weight(0, T0 - 0.3))
     h.feed(scan(1, T0))
     h.run_until(T0 + 3)
-    assert h.types() == []
+    assert h.types() == ["carton_closed"]
     h.run_until(T0 + 12)
-    assert h.types() == ["carton_exception"]
+    assert h.types() == ["carton_closed", "carton_exception"]
+
+
+def test_a_device_not_heard_from_since_it_reconnected_holds_event_time(close_cfg):
+    """After a broker outage the agent is back first; the devices reconnect on their side
+    later and then send what they held. Until a device speaks again it holds event time
+    (at most hold_offline_secs), so its held messages are not judged late."""
+    h = line(close_cfg)
+    h.feed(scan(0, T0), weight(0, T0 + 0.2), scan(1, T0 + 1))
+    for dev in ("SCN1", "CW1"):
+        h.online(dev, False)
+    h.run_until(T0 + 6)
+    for dev in ("SCN1", "CW1"):
+        h.online(dev, True, resumed=True)
+    h.run_until(T0 + 20)  # the devices are still reconnecting
+    h.feed(weight(1, T0 + 1.2, arrival=T0 + 20), scan(2, T0 + 20), weight(2, T0 + 20.1))
+    h.run_until(T0 + 40)
+    assert by_type(h) == {"carton_closed": 3}
 
 
 def test_late_partner_of_an_expired_key_invents_no_second_exception(close_cfg):
     h = line(close_cfg)
+    h.feed(scan(0, T0 - 1), weight(0, T0 - 0.8))
     h.feed(scan(1, T0))
     h.feed(scan(2, T0 + 8))  # event time passes T0 + 5 + 1: no_weight for T1 (true: late)
-    assert h.types() == ["carton_exception"]
+    assert h.types() == ["carton_closed", "carton_exception"]
     h.feed(weight(1, T0 + 7.5))  # the late weight of T1
     h.feed(weight(2, T0 + 8.2), scan(3, T0 + 30))  # and time goes on well past any window
-    assert by_type(h) == {"carton_exception": 1, "carton_closed": 1}  # not a no_scan for T1
+    assert by_type(h) == {"carton_exception": 1, "carton_closed": 2}  # not a no_scan for T1
     assert h.counters("close-station-1")["late_after_timeout"] == 1
 
 
@@ -235,3 +254,28 @@ def test_count_live_and_replay_agree():
     replay.feed(*passes(HOUR))
     assert live.types() == ["sort_exception"]
     assert [e.id for e in replay.events] == [e.id for e in live.events]
+
+
+def test_backlog_of_a_device_with_a_corrected_clock_is_not_taken_for_a_new_clock(close_cfg):
+    """CW1 3 h ahead (corrected). A broker outage: at reconnect the broker hands over what
+    CW1 sent meanwhile, late, even before the agent has re-subscribed. Late is a backlog
+    there, not a clock that changed: every carton still closes."""
+    h = RuleHarness([Correlate(close_cfg, site="s1")], start=T0 - 1)
+    h.source("SCN1", buffered=True, resumed=False)  # a new session: its messages are live
+    h.source("CW1", buffered=True, resumed=False)
+    for i in range(20):
+        t = T0 + i * 0.1
+        h.feed(scan(i, t), weight(i, t + 0.05 + 3 * HOUR, arrival=t + 0.06))
+    assert h.engine.sources.by_device["CW1"].applied == pytest.approx(3 * HOUR, abs=1)
+    h.feed(scan(20, T0 + 2.0))  # its weight is sent while the broker is down
+    h.online("SCN1", False)
+    h.online("CW1", False)
+    h.run_until(T0 + 10)
+    h.feed(weight(20, T0 + 2.05 + 3 * HOUR, arrival=T0 + 10))  # before the re-subscribe
+    h.online("SCN1", True, resumed=True)
+    h.online("CW1", True, resumed=True)
+    for i in range(21, 30):
+        t = T0 + 10 + i * 0.1
+        h.feed(scan(i, t), weight(i, t + 0.05 + 3 * HOUR, arrival=t + 0.06))
+    h.run_until(T0 + 40)
+    assert by_type(h) == {"carton_closed": 30}
