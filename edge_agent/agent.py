@@ -375,8 +375,10 @@ class Agent:
                 "sources": self.engine.sources.status(),
                 # An exception can be about what came before a device was covered up to this
                 # long before: until then a missing input is reported as a gap.
+                # (only rules that report what did not come: correlate's missing inputs)
                 "max_window_secs": max(
-                    [getattr(r, "window", 0) + r.lateness for r in self.engine.rules], default=0
+                    [r.window + r.lateness for r in self.engine.rules if hasattr(r, "devices_of")],
+                    default=0,
                 ),
                 "recent": self.engine.recent[-20:],
             },
