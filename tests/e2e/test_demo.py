@@ -7,6 +7,7 @@ on SIGINT, and leaves no process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -174,6 +175,15 @@ def test_demo_runs_for_seconds_and_accounts_for_every_carton(tmp_path):
         # The sorter's finished cartons are facts of the ledger, at the WMS and on the bus.
         assert rows[("wms", "carton_sorted")]["expected"] > 0
         assert rows[("bus", "carton_sorted")]["expected"] == rows[("wms", "carton_sorted")]["expected"]
+        # The second packing station weighed on the Modbus checkweigher CW2, none missed.
+        stations = re.search(r"stations\s+CLOSE1 ([\d,]+), CLOSE2 ([\d,]+)", out)
+        assert stations and int(stations.group(2).replace(",", "")) > 0, out[-4000:]
+        assert re.search(r"checkweigher CW2\s+[1-9][\d,]* weighings on Modbus, 0 missed", out)
+        # The same outcome, machine-readable.
+        doc = json.loads((tmp_path / "demo" / "ledger.json").read_text())
+        assert doc["ok"] and doc["cartons"] == int(
+            re.search(r"cartons simulated\s+([\d,]+)", out).group(1).replace(",", ""))
+        assert {(r["sink"], r["type"]) for r in doc["rows"]} >= set(rows)
         # Plain progress lines, not a live view, when stdout is not a terminal.
         assert re.search(r"^\[\s*[\d.]+s\] running\s+cartons \d+", out, re.MULTILINE), out
         assert "\x1b[" not in out
@@ -236,6 +246,22 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path):
     assert r.returncode == 2
     assert "refusing to wipe" in r.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--fault", "broker-outage@soon:5"), "expected broker-outage@AT:SECS"),
+    (("--fault", "restart:CW1@5:1"), "the demo can restart CONV1, PTL1, SORTER1"),
+    (("--fault", "power-cycle:SORTER1@5:1"), "the demo can power-cycle CONV1, PTL1"),
+    (("--clock", "weigher=5"), "expected DEVICE=SECS"),
+])
+def test_demo_refuses_a_fault_or_clock_it_cannot_inject(tmp_path, args, message):
+    r = subprocess.run(
+        _demo_cmd("--seconds", "1", "--workdir", str(tmp_path / "demo"), *args),
+        capture_output=True, text=True, timeout=30, env=_env(), check=False,
+    )
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.timeout(90)
