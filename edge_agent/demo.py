@@ -6,20 +6,50 @@ processes as the end-to-end tests (``simulators.procs``) and never reaches into 
 reads only the agent's status file, its outbox (read-only), the receivers' control API and
 the bus. Every child process is stopped on every path out of ``run_demo``.
 
-The packing station's checkweigher is CW1 on MQTT, or with ``checkweigher="modbus"``
+The packing station CLOSE1's checkweigher is CW1 on MQTT, or with ``checkweigher="modbus"``
 (``--checkweigher modbus``) a Modbus CW2 weighing the same seeded cartons
 (``simulators.modbus_line``); the line then runs at most at a few cartons a second.
+Otherwise a second station CLOSE2 (`STATION2`, ``--no-modbus-station`` leaves it out) weighs
+its own cartons on the Modbus CW2 at `STATION2_RATE`, with its own rule (a copy of CLOSE1's)
+and ground truth, next to CLOSE1 at full rate.
 
 Downstream, an OPC UA sorter SORTER1 (``simulators.sorter_operator``, the
 ``simulators.opcua_sorter`` simulator with its induct gate held until the agent is
-subscribed) sorts its own seeded cartons at `SORTER_RATE`.
+subscribed) sorts its own seeded cartons at ``--sorter-rate`` (`SORTER_RATE` by default).
+
+The simulators behave like real devices (millisecond timestamps that collide, device clocks
+a little off and drifting, handshake flags cleared late, the sorter's clock 2 s ahead).
+``--clock DEVICE=SECS`` sets the offset of CLOSE1's scanner or checkweigher clock
+(``checkweigher=-10800``: 3 h behind). Faults, each ``--fault SPEC`` (`Fault`, `FAULT_HELP`),
+AT seconds after the line started, for SECS:
+
+- ``broker-outage@AT:SECS``: the broker (mosquitto, always run with persistence here) stops
+  cleanly and starts again on the same port; the agent's and the bus recorder's persistent
+  sessions and the queued QoS 1 messages survive, the carton lines' clients keep what they
+  publish meanwhile and send it on reconnect;
+- ``restart:PTL1@AT:SECS`` / ``restart:CONV1@...``: a Modbus device restarts (registers
+  kept); ``power-cycle:DEV@...``: registers back to power-up values, a key press not yet
+  acknowledged is lost (marked in the device's truth; neither expected nor held against the
+  agent). Nobody presses a key or jams a belt while the device is down. The device process
+  takes the command on its stdin (`_modbus_station_main`);
+- ``restart:SORTER1@AT:SECS``: the sorter's OPC UA server restarts. A server restart drops
+  the notifications it had queued but not yet published (the agent reports a counter gap:
+  true events that became unobservable), so the demo stops the induct first, waits until
+  the belt is empty and every sorter event is on the bus, restarts the server, and opens the
+  induct again once the agent has subscribed again (`Demo._step_sorter_restart`).
+
+The line starts once the agent has watched every device for its longest correlation window
+(`Demo._wait_ready`): what it could not see before is a gap, never an exception.
 
 The summary's ledger (``simulators.ledger``) checks every delivery at every destination,
 repeats of an id included, against every simulator's ground truth: the closing line's
 cartons, the sorter's finished cartons, the pick-to-light presses and the conveyor's stops.
 It is a table per destination and event type (expected, delivered, wrong, missing,
 invented, duplicate deliveries, duplicate facts, precision, recall); the demo says "exactly
-once" only when nothing is missing, wrong, invented or delivered under a second id.
+once" only when nothing is missing, wrong, invented or delivered under a second id. The same
+outcome, with the faults as they happened, is written to ``<workdir>/ledger.json``
+(`ledger_document`). The live view needs a terminal; otherwise (or with ``--no-live``) the
+demo prints a plain progress line every few seconds.
 
 Stopping: SIGINT or SIGTERM (or ``seconds`` elapsed) stops the line, waits for the agent to
 settle (windows close, backlogs drain), SIGTERMs the agent (it drains), then stops the rest
@@ -88,6 +118,8 @@ from .config import HttpSinkConfig, MqttSinkConfig, load_site
 from .errors import ConfigError
 
 __all__ = ["run_demo"]
+
+log = logging.getLogger(__name__)
 
 # A realistic line: what goes wrong on a real closing station, and how often.
 FRACTIONS = {
@@ -1288,6 +1320,7 @@ class Demo:
         self._last_fault: tuple[float, str] | None = None
         self._sample = _Sample()
         self._sorter_want: set[tuple[str, str, str]] = set()  # before a restart of the sorter
+        self._fault_line = ""  # the latest step of a fault, for the live view
         self._phase = "starting"
         self._last_progress = 0.0
         self._refresh: Callable[[], None] = lambda: None
@@ -1567,6 +1600,7 @@ class Demo:
             return Text.assemble(
                 ("● running", "bold green"),
                 (f": line at {self.rate:g} cartons/s{left}", "dim"),
+                (f"   {self._fault_line}" if self._fault_line else "", "yellow"),
             )
         hint = ""
         if self.signals.count == 1:
@@ -1674,7 +1708,12 @@ class Demo:
 
     def _fault_say(self, run: _FaultRun, msg: str) -> None:
         ran = time.monotonic() - (self.line_started or self.started)
-        self._say(f"[{ran:7.1f}s] fault {run.fault}: {msg}")
+        line = f"[{ran:7.1f}s] fault {run.fault}: {msg}"
+        log.warning("%s", line)  # injected on purpose, but a disturbance all the same
+        if self.interactive:
+            self._fault_line = line  # shown in the header: a print would tear the live view
+        else:
+            self._say(line)
 
     def _step_faults(self) -> None:
         """Begin the faults that are due and move the ones under way on (never blocks for
@@ -1795,8 +1834,11 @@ class Demo:
                 run.step = "done"
             elif run.step != "done":
                 if run.fault.kind == "broker-outage" and isinstance(self.broker, Mosquitto):
-                    self.broker.start()
-                    self._fault_say(run, "broker back (the run ends)")
+                    try:
+                        self.broker.start()
+                        self._fault_say(run, "broker back (the run ends)")
+                    except RuntimeError as exc:
+                        self.problems.append(f"the broker did not start again: {exc}")
                 run.notes.append(f"cut short in step {run.step!r} by the end of the run")
                 run.step = "done"
                 if self.line_started is not None:
