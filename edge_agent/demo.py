@@ -20,7 +20,7 @@ subscribed) sorts its own seeded cartons at ``--sorter-rate`` (`SORTER_RATE` by 
 The simulators behave like real devices (millisecond timestamps that collide, device clocks
 a little off and drifting, handshake flags cleared late, the sorter's clock 2 s ahead).
 ``--clock DEVICE=SECS`` sets the offset of CLOSE1's scanner or checkweigher clock
-(``checkweigher=-10800``: 3 h behind). Faults, each ``--fault SPEC`` (`Fault`, `FAULT_HELP`),
+(``checkweigher=-10800``: 3 h behind). Faults, each ``--fault SPEC`` (`Fault`),
 AT seconds after the line started, for SECS:
 
 - ``broker-outage@AT:SECS``: the broker (mosquitto, always run with persistence here) stops
@@ -217,31 +217,18 @@ STATION2_RATE = 4.0  # cartons/s: a Modbus checkweigher weighs a few a second at
 
 # --- faults ----------------------------------------------------------------------------------
 
-FAULT_KINDS = ("broker-outage", "restart", "power-cycle")
 FAULT_SPEC = re.compile(
     r"^(?P<kind>broker-outage|restart:(?P<dev>[A-Za-z0-9_-]+)|power-cycle:(?P<pdev>[A-Za-z0-9_-]+))"
     r"@(?P<at>\d+(?:\.\d*)?):(?P<down>\d+(?:\.\d*)?)$"
 )
-FAULT_HELP = """\
-broker-outage@AT:SECS   stop the MQTT broker AT s after the line started, for SECS, then
-                        start it again on the same port (it keeps sessions and queued
-                        messages: persistence is on)
-restart:DEV@AT:SECS     restart a device AT s after the line started, down for SECS: a
-                        Modbus device (PTL1, CONV1) keeps its registers; the OPC UA sorter
-                        SORTER1 stops its induct first, waits until the belt is empty and the
-                        agent has every event, restarts, and inducts again once the agent
-                        is subscribed again (a restart drops what a server has queued)
-power-cycle:DEV@AT:SECS a Modbus device (PTL1, CONV1) loses power: registers back to their
-                        power-up values (counters kept); a key press not yet acknowledged
-                        is lost with it (not expected in the ledger)"""
 SORTER_CATCH_UP_SECS = 30.0  # before its restart, the agent gets what the sorter published
 SORTER_BACK_SECS = 60.0  # after it, the agent subscribes again
 
 
 @dataclass(frozen=True)
 class Fault:
-    """One injected fault: ``kind`` (FAULT_KINDS) of ``device`` (None for the broker), at
-    ``at_secs`` after the line started, lasting ``down_secs``."""
+    """One injected fault: ``kind`` (broker-outage, restart or power-cycle) of ``device``
+    (None for the broker), at ``at_secs`` after the line started, lasting ``down_secs``."""
 
     kind: str
     device: str | None
@@ -2331,7 +2318,7 @@ def run_demo(*, rate: float, seconds: float, workdir: Path, checkweigher: str = 
     ``checkweigher="modbus"``: the packing station's weights come from a Modbus checkweigher
     (CW2) instead of MQTT (CW1), and the line runs at most at its rate (a few cartons/s);
     else ``modbus_station`` adds a second station CLOSE2 weighing on the Modbus CW2.
-    ``faults``: `Fault` specs (FAULT_HELP); ``clocks``: ``DEVICE=SECS`` offsets of the
+    ``faults``: `Fault` specs (``edge-agent demo --help``); ``clocks``: ``DEVICE=SECS`` offsets of the
     carton line's device clocks; ``live``: the live view (None: when stdout is a terminal),
     else plain progress lines. The outcome is also written to ``<workdir>/ledger.json``.
     """
