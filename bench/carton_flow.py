@@ -611,8 +611,9 @@ def run_step(
         sampler = Sampler(agent.pid)
         sampler.start()
 
+        # Exact device clocks: latency is measured from the devices' timestamps.
         line = LineProc(workdir, port=broker.port, count=count, rate=rate, seed=seed,
-                        fractions=NO_FAULTS)
+                        fractions=NO_FAULTS, ideal_clocks=True)
         gt = line.wait(timeout_secs=max(120.0, 10 * count / rate))
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t_line = time.monotonic()

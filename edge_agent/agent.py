@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import (
     BrokerConfig,
@@ -26,17 +26,13 @@ from .config import (
     OpcuaConnection,
     SiteConfig,
 )
-from .connectors.modbus import ModbusConnector
 from .connectors.mqtt import MqttConnector
-from .connectors.opcua import OpcuaConnector
 from .errors import RetriableError, StoreError
 from .events import iso_time
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
 from .outbox.store import Store
 from .profiles import AnyProfile
-from .profiles_modbus import ModbusProfile
-from .profiles_opcua import OpcuaProfile
 from .rules import build_rule
 from .rules.engine import Engine
 from .rules.sources import Sources
@@ -45,6 +41,10 @@ from .runtime.supervisor import Health, supervise
 from .sinks.base import Sink
 from .sinks.http import HttpSink
 from .sinks.mqtt import MqttSink
+
+if TYPE_CHECKING:  # imported when a site has such devices: asyncua alone is ~40 MB
+    from .connectors.modbus import ModbusConnector
+    from .connectors.opcua import OpcuaConnector
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,16 @@ class Agent:
                 by_broker.setdefault(dev.connection.broker, {})[dev_id] = dev
         for dev_id, dev in site.devices.items():
             if isinstance(dev.connection, ModbusConnection):
+                from .connectors.modbus import ModbusConnector
+                from .profiles_modbus import ModbusProfile
+
                 prof = self.profiles[dev.profile]
                 assert isinstance(prof, ModbusProfile)
                 self.connectors.append(ModbusConnector(dev_id, dev.connection, prof, self.clock))
             elif isinstance(dev.connection, OpcuaConnection):
+                from .connectors.opcua import OpcuaConnector
+                from .profiles_opcua import OpcuaProfile
+
                 oprof = self.profiles[dev.profile]
                 assert isinstance(oprof, OpcuaProfile)
                 self.connectors.append(
@@ -331,7 +337,7 @@ class Agent:
     def _device_health(self) -> dict[str, Health]:
         out: dict[str, Health] = {}
         for c in self.connectors:
-            if isinstance(c, (ModbusConnector, OpcuaConnector)):
+            if not isinstance(c, MqttConnector):
                 out[c.device] = c.health
             else:
                 out.update({d: c.health for d in c.devices})
