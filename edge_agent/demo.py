@@ -38,7 +38,7 @@ AT seconds after the line started, for SECS:
   the belt is empty and every sorter event is on the bus, restarts the server, and opens the
   induct again once the agent has subscribed again (`Demo._step_sorter_restart`).
 
-The line starts once the agent has watched every device for its longest correlation window
+The line starts once the agent has watched every device for a whole window
 (`Demo._wait_ready`): what it could not see before is a gap, never an exception.
 
 The summary's ledger (``simulators.ledger``) checks every delivery at every destination,
@@ -426,17 +426,6 @@ def _broker(workdir: Path) -> Mosquitto | EmbeddedBroker:
     if find_mosquitto() is not None and os.environ.get("EDGE_AGENT_DEMO_BROKER") != "amqtt":
         return Mosquitto(workdir=workdir, persistent=True).start()
     return local_broker(workdir)
-
-
-def _covered(st: dict[str, Any], window_secs: float) -> bool:
-    """Whether every connector is online and every device has been watched for longer than
-    `window_secs` without a hole (the agent's status: ``engine.sources``)."""
-    if not st.get("connectors") or any(
-            c.get("state") != "online" for c in st["connectors"].values()):
-        return False
-    sources = st.get("engine", {}).get("sources", {})
-    since = [src.get("covered_since") for src in sources.values()]
-    return bool(since) and all(c is not None and st["time"] - c > window_secs for c in since)
 
 
 # --- the Modbus devices ------------------------------------------------------------------
@@ -1268,9 +1257,6 @@ class Demo:
         # The second packing station, CLOSE2 with its checkweigher on Modbus.
         self.line2: _ModbusLineProc | None = None
         self.truth2 = _GroundTruth(workdir / "ground_truth_close2.json") if modbus_station else None
-        # How long the agent must have watched every device before the line starts: its
-        # longest correlation window (a counting window never makes an event from absence).
-        self.judge_window_secs = 0.0
         self.seconds = seconds
         self.workdir = workdir
         self.signals = signals
@@ -1451,9 +1437,6 @@ class Demo:
                 raise ValueError(f"the demo site's sink {name!r} is not an http sink")
             self.types[name] = set(cfg.event_types) if cfg.event_types is not None else None
         self.counting_rules = {r.name for r in site.rules if getattr(r, "kind", None) == "count"}
-        self.judge_window_secs = max(
-            (r.window_secs + r.allowed_lateness_secs for r in site.rules
-             if getattr(r, "kind", None) == "correlate"), default=0.0)
         devices: dict[str, list[str]] = {}
         for dev_id, dev in site.devices.items():
             broker = getattr(dev.connection, "broker", None)
@@ -1466,27 +1449,18 @@ class Demo:
         )
 
     def _wait_ready(self) -> bool:
-        """Until every connector is online and the agent has watched every device for its
-        longest correlation window: a line started then is judged in full (an exception
-        about a time before a device was watched would be a gap).
-
-        Not `AgentProc.wait_ready`: it waits for the agent's ``max_window_secs``, which
-        counts the sorter's 600 s recirculation count (no event comes from a counting
-        window closing, so no gap either)."""
+        """Until every connector is online and the agent has watched every device for a
+        whole window (`AgentProc.wait_ready`): a line started then is judged in full (an
+        exception about a time before a device was watched would be a gap)."""
         assert self.agent is not None
-        deadline = time.monotonic() + AGENT_READY_SECS + self.judge_window_secs
+        deadline = time.monotonic() + AGENT_READY_SECS
         while not self.signals.stop:
-            st = self.agent.status()
-            if st is not None and st.get("pid") == self.agent.pid and _covered(
-                    st, self.judge_window_secs):
+            try:
+                self.agent.wait_ready(timeout_secs=0.5)
                 return True
-            if self.agent.proc is not None and self.agent.proc.poll() is not None:
-                raise RuntimeError(f"the agent exited with {self.agent.proc.returncode}; "
-                                   f"see {self.agent.log_path}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the agent was not ready within "
-                                   f"{deadline - self.started:.0f} s; see {self.agent.log_path}")
-            time.sleep(0.1)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
         return False
 
     def _wait_online(self, connector: str, timeout_secs: float) -> bool:
