@@ -32,6 +32,7 @@ cartons a second several messages share one.
 from __future__ import annotations
 
 import argparse
+import collections
 import heapq
 import json
 import logging
@@ -642,10 +643,29 @@ def run_line(
     try:
         stamper = _Stamper()
         clock = _WallClockTs(REALISTIC_CLOCKS if clocks is None else clocks)
+        # What the devices sent while the broker was away, in order: handed to the client
+        # only once everything handed before is acknowledged (paho resends its in-flight
+        # messages at CONNACK, but a publish racing the reconnect goes out ahead of them).
+        backlog: collections.deque[tuple[str, bytes]] = collections.deque()
+
+        def hand_over(topic: str, payload: bytes) -> None:
+            nonlocal published
+            info = client.publish(topic, payload, qos=1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
+            published += 1
+
+        def flush() -> None:
+            if backlog and client.is_connected() and acks.wait(
+                    published, at_most_pending=0, timeout_s=0):
+                while backlog:
+                    hand_over(*backlog.popleft())
+
         items = schedule(cartons, interval_ms=1000.0 / rate_per_s)
         nxt = next(items, None)
         t0 = time.monotonic()
         while nxt is not None:
+            flush()
             now_ms = (time.monotonic() - t0) * 1000.0
             if nxt.due_ms > now_ms:
                 time.sleep(min(max((nxt.due_ms - now_ms) / 1000.0, BATCH_TICK_S), MAX_SLEEP_S))
@@ -663,11 +683,11 @@ def run_line(
                         summary.weighings += 1
                 else:
                     ts = clock.now(message.device)
-                    info = client.publish(message.topic, stamper.payload(nxt, ts), qos=1)
-                    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                        # NO_CONN is fine: paho keeps the message and sends it on reconnect.
-                        raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
-                    published += 1
+                    payload = stamper.payload(nxt, ts)
+                    if backlog or not client.is_connected():
+                        backlog.append((message.topic, payload))
+                    else:
+                        hand_over(message.topic, payload)
                     summary.messages += 1
                     summary.duplicates += message.duplicate
                 if nxt.carton_done:
@@ -682,11 +702,18 @@ def run_line(
                 lines.flush()
             # Backpressure: a slow or absent broker stalls the line (as a device buffer
             # would fill) instead of growing memory; a stop request still ends the wait.
+            # Messages held while the broker was away count against the same buffer.
             while not acks.wait(
-                published, at_most_pending=MAX_UNACKED, timeout_s=MAX_SLEEP_S
+                published, at_most_pending=max(MAX_UNACKED - len(backlog), 0),
+                timeout_s=MAX_SLEEP_S,
             ):
                 if stop.is_set():
                     break
+                flush()
+        deadline = time.monotonic() + ack_timeout_secs
+        while backlog and time.monotonic() < deadline:
+            flush()
+            time.sleep(MAX_SLEEP_S)
         summary.elapsed_s = time.monotonic() - t0
         if weigher is not None and not weigher.drain(ack_timeout_secs):
             raise RuntimeError(f"the checkweigher did not finish in {ack_timeout_secs} s")
