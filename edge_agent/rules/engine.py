@@ -97,6 +97,10 @@ class Engine:
         for rule in self.rules:
             items = rule_state.get(rule.name, {})
             rule.load_state({k: json.loads(v) for k, v in items.items()})
+            t = getattr(rule, "max_time", None)
+            if t:  # the rule's inputs had surely reached this (a quiet restart still expires)
+                for d in self.rule_devices[rule.name]:
+                    self.sources.seed(d, t)
         for msg_id, seen in inputs:
             self.seen[msg_id] = seen
 

@@ -8,15 +8,15 @@ about that device's time and coverage, and answers two questions for the rules:
   that minimum while it is *active* (online and heard from within ``idle_secs``), while it
   is offline but *buffered* (an MQTT QoS 1 persistent session: its messages wait at the
   broker and will come), for ``hold_offline_secs`` after any device went offline (it may
-  come back with what it has), and for as long after it (re)connected until it has said
-  something (after a broker outage the devices may still be reconnecting on their side). A device that is online but quiet does not hold the
-  others back, so a checkweigher that falls silent while the scanner keeps sending still
-  gets its ``no_weight`` exceptions. When every input is quiet, event time is taken to have
-  advanced by the quiet time since each input's latest message (a quiet line still closes
-  its windows; a replay long after the fact stays in its own time), but never while the
-  agent itself is behind (``stall``: a late tick, a commit
-  that takes long, ingest paused): wall time alone never decides that something did not
-  happen.
+  come back with what it has), and after it (re)connected until it has said something, at
+  most 15 s (after a broker outage the devices may still be reconnecting on their side). A
+  device that is online but quiet does not hold the others back, so a checkweigher that
+  falls silent while the scanner keeps sending still gets its ``no_weight`` exceptions.
+  When every input is quiet, event time is taken to have advanced by the quiet time since
+  each input's latest message (a quiet line still closes its windows, also the windows a
+  restart restored; a replay long after the fact stays in its own time), but never while
+  the agent itself is behind (``stall``: a late tick, a commit that takes long, ingest
+  paused): wall time alone never decides that something did not happen.
 - **Could the agent have missed an input in this interval?** (``unseen``) A device has
   *holes*: before it was first online, while it was offline (unless it is buffered, or it
   came back within the hold and its connector says reconnects lose nothing), and where its
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 NEG_INF = -math.inf
 EPOCH_SECS = 2.0  # arrival time over which a lower (further behind) offset is confirmed
+RECONNECT_HOLD_SECS = 15.0  # a reconnected device not yet heard from holds event time this long
 EPOCH_MIN_MESSAGES = 5  # fewer in an epoch say nothing about its clock
 JUMP_CONFIRM = 3  # messages in a row that agree on a clock further off
 CONFIRM_SECS = 0.5  # ...arriving over at least this long (not one burst of a backlog)
@@ -125,6 +126,9 @@ class Sources:
         self.tol = skew_tolerance_secs
         self.margin = hole_margin_secs
         self.by_device: dict[str, Source] = {}
+        # Event time each device had surely reached before a restart (from the rules' state):
+        # a line that stays quiet after a restart still closes the windows it restored.
+        self.seeds: dict[str, float] = {}
         self.stalled_until = NEG_INF  # wall time until which quiet time does not count
         self.counters = {"clock_outliers": 0, "clock_changes": 0, "holes": 0}
 
@@ -134,7 +138,16 @@ class Sources:
             s = self.by_device[device] = Source(
                 device, buffered=buffered, lossless_reconnect=lossless_reconnect
             )
+            s.max_time = self.seeds.get(device, NEG_INF)
         return s
+
+    def seed(self, device: str, t: float) -> None:
+        """Before start: event time ``device`` had surely reached before the agent stopped."""
+        if t > self.seeds.get(device, NEG_INF):
+            self.seeds[device] = t
+            s = self.by_device.get(device)
+            if s is not None and t > s.max_time:
+                s.max_time = t
 
     # --- per message (hot path) ----------------------------------------------------------
 
@@ -280,7 +293,7 @@ class Sources:
                 continue
             if s.online:
                 holds = stalled or now - s.last_arrival <= idle or (
-                    not s.heard and now - s.online_since <= self.hold_offline_secs)
+                    not s.heard and now - s.online_since <= RECONNECT_HOLD_SECS)
             else:
                 holds = s.buffered or now - s.offline_since <= self.hold_offline_secs
             if holds:

@@ -35,7 +35,7 @@ WMS_TYPES = {"carton_closed", "carton_exception", "scan_no_read"}
 ERP_TYPES = {"carton_closed"}
 SINK_TYPES: dict[str, set[str] | None] = {"wms": WMS_TYPES, "erp": ERP_TYPES, "bus": None}
 SINKS = ("wms", "erp", "bus")
-SETTLE_SECS = 30  # windows close 6 s after the last message; generous for a loaded CI box
+SETTLE_SECS = 60  # windows close 6-12 s after the last message; generous for a loaded CI box
 
 
 class Line:

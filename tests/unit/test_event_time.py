@@ -279,3 +279,23 @@ def test_backlog_of_a_device_with_a_corrected_clock_is_not_taken_for_a_new_clock
         h.feed(scan(i, t), weight(i, t + 0.05 + 3 * HOUR, arrival=t + 0.06))
     h.run_until(T0 + 40)
     assert by_type(h) == {"carton_closed": 30}
+
+
+def test_windows_restored_after_a_restart_close_on_a_quiet_line(close_cfg):
+    """kill -9 with windows open, and nothing more comes after the restart (everything was
+    acknowledged): the restored windows still close, on quiet time after the restart."""
+    import json
+
+    import orjson
+
+    live = line(close_cfg)
+    live.feed(scan(0, T0), weight(0, T0 + 0.2), scan(1, T0 + 1))
+    live.run_until(T0 + 2.5)  # the watermark is persisted by a tick
+    state = {k: json.loads(orjson.dumps(v, default=lambda o: o.to_json()))
+             for (r, k), v in live.committer.batch.state.items() if v is not None}
+    again = RuleHarness([Correlate(close_cfg, site="s1")], start=T0 + 60)
+    again.engine.restore({"close-station-1": {k: json.dumps(v) for k, v in state.items()}}, [])
+    again.source("SCN1", buffered=True, resumed=True)
+    again.source("CW1", buffered=True, resumed=True)
+    again.run_until(T0 + 120)
+    assert again.types() == ["carton_exception"]  # T1 had no weight
