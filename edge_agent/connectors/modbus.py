@@ -313,26 +313,24 @@ class ModbusConnector:
                 else:
                     rr = await client.write_register(address, value, device_id=self.conn.unit_id)
             except (ModbusException, OSError) as exc:
-                if not w.ack_failing:
-                    log.warning("%s: could not write the acknowledge of %s: %s (retried)",
-                                self.name, w.name, exc)
-                w.ack_failing = True
-                # The device still holds the data: the next poll makes the event again under
-                # the same id (dropped as a duplicate), and its ack is written again.
-                w.watch.armed = True
+                self._ack_failed(w, f"could not write the acknowledge of {w.name}: {exc}")
                 return
         if rr.isError():
-            if not w.ack_failing:
-                log.warning("%s: device refused the acknowledge of %s: %s (retried)",
-                            self.name, w.name, rr)
-            w.ack_failing = True
-            w.watch.armed = True
+            self._ack_failed(w, f"device refused the acknowledge of {w.name}: {rr}")
             return
         if w.ack_failing:
             log.info("%s: acknowledge of %s written again", self.name, w.name)
             w.ack_failing = False
         # Acknowledged: not re-armed until the flag is seen cleared (the device may show it
         # for a while). A new press before that is seen by the trigger's sequence.
+
+    def _ack_failed(self, w: _Watcher, why: str) -> None:
+        """The device still holds the data: the next poll makes the event again under the
+        same id (dropped as a duplicate), and its ack is written again."""
+        if not w.ack_failing:
+            log.warning("%s: %s (retried)", self.name, why)
+        w.ack_failing = True
+        w.watch.armed = True
 
     def status(self) -> dict[str, Any]:
         return {

@@ -102,6 +102,19 @@ MAX_READS = 10_000  # fired triggers waiting for their Read (fields_from: read)
 UNKNOWN = object()  # a field with no value since the subscription was made
 
 
+def _item(node_id: Any, attribute: Any, params: ua.MonitoringParameters
+          ) -> ua.MonitoredItemCreateRequest:
+    """A reporting monitored item on ``attribute`` of ``node_id``."""
+    rv = ua.ReadValueId()
+    rv.NodeId = node_id
+    rv.AttributeId = attribute
+    req = ua.MonitoredItemCreateRequest()
+    req.ItemToMonitor = rv
+    req.MonitoringMode = ua.MonitoringMode.Reporting
+    req.RequestedParameters = params
+    return req
+
+
 def _der(data: bytes) -> bytes:
     """A certificate file's DER bytes (files may be DER or PEM)."""
     if data.lstrip().startswith(b"-----BEGIN"):
@@ -438,15 +451,8 @@ class OpcuaConnector:
             f.DeadbandType = 1 if s.deadband.kind == "absolute" else 2
             f.DeadbandValue = s.deadband.value
         params.Filter = f
-        rv = ua.ReadValueId()
-        rv.NodeId = node.nodeid
-        rv.AttributeId = ua.AttributeIds.Value
-        req = ua.MonitoredItemCreateRequest()
-        req.ItemToMonitor = rv
-        req.MonitoringMode = ua.MonitoringMode.Reporting
-        req.RequestedParameters = params
         self._by_handle[params.ClientHandle] = name
-        return req
+        return _item(node.nodeid, ua.AttributeIds.Value, params)
 
     async def _event_request(self, client: Client, src: _EventSource) -> ua.MonitoredItemCreateRequest:
         if src.type is None:  # every event: no where clause (some servers choke on long ones)
@@ -467,15 +473,8 @@ class OpcuaConnector:
         params.QueueSize = src.queue_size
         params.DiscardOldest = False
         params.Filter = evfilter
-        rv = ua.ReadValueId()
-        rv.NodeId = self._source_nodes[src.name].nodeid
-        rv.AttributeId = ua.AttributeIds.EventNotifier
-        req = ua.MonitoredItemCreateRequest()
-        req.ItemToMonitor = rv
-        req.MonitoringMode = ua.MonitoringMode.Reporting
-        req.RequestedParameters = params
         self._source_by_handle[params.ClientHandle] = src
-        return req
+        return _item(self._source_nodes[src.name].nodeid, ua.AttributeIds.EventNotifier, params)
 
     async def _poll(self, nodes: dict[str, Node]) -> None:
         names, node_list = list(nodes), list(nodes.values())

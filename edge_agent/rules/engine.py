@@ -8,7 +8,8 @@ task is created per message.
 Time: each message's event time goes through ``Sources`` (per device clock and coverage),
 and the engine drives every rule's watermark from its inputs' progress after each message
 and on ``tick()`` (a quiet line). The agent tells the engine when a device's connection
-comes and goes (``source_online``) and when it is behind (``stall``).
+comes and goes (``source_online``) and when ingest is paused (``paused``); the engine
+itself notices a late tick or a slow commit.
 
 Connectors see only the ``Ingest`` protocol: ``device_event`` and ``bad_payload``.
 """
@@ -64,14 +65,14 @@ class Engine:
         self.committer = committer
         self.clock = clock
         self.site = site
-        self.routes: dict[tuple[str, str], list[tuple[Rule, str]]] = {}
+        # (device, event) -> (rule, input name, the rule's input devices)
+        self.routes: dict[tuple[str, str], list[tuple[Rule, str, tuple[str, ...]]]] = {}
         self.rule_devices: dict[str, tuple[str, ...]] = {}
         for rule in self.rules:
-            devices: set[str] = set()
-            for device, event, input_name in rule.inputs():
-                self.routes.setdefault((device, event), []).append((rule, input_name))
-                devices.add(device)
-            self.rule_devices[rule.name] = tuple(sorted(devices))
+            triples = rule.inputs()
+            devices = self.rule_devices[rule.name] = tuple(sorted({d for d, _, _ in triples}))
+            for device, event, input_name in triples:
+                self.routes.setdefault((device, event), []).append((rule, input_name, devices))
             rule.driven = True
             if hasattr(rule, "sources"):
                 rule.sources = self.sources
@@ -128,9 +129,9 @@ class Engine:
         n = len(batch.events)
         wm_of = self.sources.watermark
         now = ev.received_at
-        for rule, input_name in targets:
+        for rule, input_name, devices in targets:
             rule.on_event(ev, input_name, batch)
-            wm = wm_of(self.rule_devices[rule.name], now) - rule.lateness
+            wm = wm_of(devices, now) - rule.lateness
             if wm > rule.watermark:
                 rule.advance(wm, batch)
         if len(batch.events) > n:
@@ -164,10 +165,6 @@ class Engine:
         now = self.clock.now()
         for d in devices:
             self.sources.set_online(d, online, now, resumed=resumed)
-
-    def stall(self) -> None:
-        """The agent is behind (ingest paused, a slow commit): quiet time is not quiet."""
-        self.sources.stall(self.clock.now())
 
     def tick(self) -> None:
         now = self.clock.now()
