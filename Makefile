@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help deps mosquitto mbpoll interop test test-all demo bench lint clean
+.PHONY: help deps mosquitto mbpoll interop test test-all explore demo bench lint clean
 
 help:
 	@echo "make demo   run the simulated packing line, broker, WMS/ERP stand-ins and the agent"
@@ -62,6 +62,10 @@ lint: $(STAMP)
 # The soak tests too (long).
 test-all: deps
 	$(BIN)/python -m pytest -q -m '' -p no:cacheprovider
+
+# Property tests with fresh random examples (make test always draws the same ones).
+explore: deps
+	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_rule_determinism.py
 
 demo: deps
 	$(BIN)/edge-agent demo

@@ -189,6 +189,8 @@ class Sources:
             self._apply(s)
         else:
             s.suspect_n = 0
+            if s.epoch_start == NEG_INF:
+                s.epoch_start = arrival  # an epoch is 2 s of arrivals, never a single burst
             if d > s.epoch_max:
                 s.epoch_max = d
             if d < s.epoch_min:
