@@ -5,12 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help deps mosquitto mbpoll interop test test-all explore demo bench lint clean
+.PHONY: help deps mosquitto mbpoll interop test test-all explore demo bench faults lint clean
 
 help:
 	@echo "make demo   run the simulated packing line, broker, WMS/ERP stand-ins and the agent"
 	@echo "make test   run the test suite (unit, integration, end to end)"
 	@echo "make bench  run the benchmarks and write bench/results.md"
+	@echo "make faults run the fault-injection suite and write bench/faults.md"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -74,6 +75,10 @@ bench: deps
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.modbus_poll
 	$(BIN)/python -m bench.opcua_subscribe
+
+# The whole fault-injection suite (long; a short tier of it runs in make test).
+faults: deps
+	$(BIN)/python -m faults.run
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
