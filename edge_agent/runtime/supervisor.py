@@ -1,9 +1,18 @@
-"""Runs a component forever, restarting it with backoff when it fails transiently.
+"""Runs a component forever, restarting it with backoff whenever it fails.
 
-Components (connectors, links) raise ``RetriableError`` when they lose their peer; the
-supervisor logs once per change of state (loud when it breaks, once when it recovers),
-waits a capped, jittered, growing delay, and starts it again. Anything else is a bug: it
-propagates and stops the agent.
+One component's failure never stops the agent. Components (connectors, links) raise
+``RetriableError`` when they lose their peer: an expected failure, logged once as a warning
+when it goes offline. Any other ``Exception`` is an internal error of that component (a bug
+of ours or a library's, e.g. a bare ``AssertionError``): logged at ERROR with its traceback
+once (again only if a different error comes), and then handled like a lost peer, so the
+other devices keep running and an operator sees the reason in the component's health.
+``asyncio.CancelledError`` (shutdown) and ``BaseException``s propagate.
+
+Backoff: capped, full-jitter, growing with each failed restart; it starts over as soon as
+the component has been *online* again (its ``Health`` reached "online"), so a device that
+answers again after a long outage and then drops is retried within the initial delay, not
+after the outage's grown delay. A component that never reports "online" starts over after
+``stable_secs`` of running.
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ class Health:
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     restarts: int = 0
+    onlines: int = 0  # times it came online (the supervisor resets its backoff on a change)
     on_change: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def set(self, state: str, error: str | None = None) -> None:
         if state != self.state:
             self.state = state
             self.since = time.time()
+            if state == "online":
+                self.onlines += 1
             if self.on_change is not None:
                 self.on_change(state)
         if error is not None:
@@ -49,20 +61,34 @@ async def supervise(
     max_backoff_secs: float = 30.0,
     stable_secs: float = 30.0,
 ) -> None:
+    """Run ``run()`` until it returns (then "stopped"); restart it after every failure."""
     attempt = 0
+    last_internal: tuple[type, str] | None = None  # logged with its traceback already
     while True:
         started = time.monotonic()
+        onlines = health.onlines
         try:
             await run()
             health.set("stopped")
             return
         except RetriableError as exc:
-            if time.monotonic() - started > stable_secs:
-                attempt = 0
+            reason = str(exc)
             if health.state != "offline":
-                log.warning("%s went offline, reconnecting with backoff: %s", name, exc)
-            health.set("offline", str(exc))
-            health.restarts += 1
-            delay = backoff_delay(attempt, initial_backoff_secs, max_backoff_secs)
-            attempt += 1
-            await asyncio.sleep(max(delay, 0.05))
+                log.warning("%s went offline, reconnecting with backoff: %s", name, reason)
+        except Exception as exc:  # CancelledError is a BaseException: it propagates
+            reason = f"internal error: {exc!r}"
+            if (type(exc), str(exc)) != last_internal:
+                last_internal = (type(exc), str(exc))
+                log.error("%s stopped on an internal error; restarting it with backoff: %r",
+                          name, exc, exc_info=exc)
+            elif health.state != "offline":
+                log.warning("%s went offline again on the same internal error: %r", name, exc)
+        if health.onlines != onlines or time.monotonic() - started > stable_secs:
+            attempt = 0  # it was online (or ran a good while) since the last failure
+        if health.onlines != onlines:
+            last_internal = None
+        health.set("offline", reason)
+        health.restarts += 1
+        delay = backoff_delay(attempt, initial_backoff_secs, max_backoff_secs)
+        attempt += 1
+        await asyncio.sleep(max(delay, 0.05))
