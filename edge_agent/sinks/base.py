@@ -6,6 +6,10 @@ for good (the dispatcher dead-letters it). A transient failure raises ``Retriabl
 (nothing of the batch counts as delivered) or ``SendIncomplete`` (the first
 ``len(results)`` items have results, the rest must be retried). A sink never retries or
 sleeps on its own: timing belongs to the dispatcher.
+
+Whatever a peer sent (a response body, a reason phrase, a header) is untrusted text: a sink
+passes it through ``peer_text`` before it becomes part of a rejection reason or an error
+message, so logs and the outbox's ``last_error`` stay one printable, bounded line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,39 @@ from ..errors import RetriableError
 from ..outbox.store import Pending
 
 Result = str | None  # None delivered; str = permanent rejection reason
+
+PEER_TEXT_MAX_CHARS = 300  # default bound of untrusted text in a log line or error
+
+
+def peer_text(text: str, limit: int = PEER_TEXT_MAX_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (+ a "…" marker).
+
+    Whitespace runs (newlines, tabs) become one space; other characters that are not
+    printable (NUL, escape sequences, bidi overrides, unpaired surrogates) are shown
+    escaped (``\\x00``), so a log line can neither be split nor forged nor recolored.
+    """
+    if len(text) <= limit and text.isprintable():
+        return text
+    out: list[str] = []
+    n = 0
+    space = False
+    for ch in text[: limit * 2]:  # escapes only lengthen: this is enough to fill ``limit``
+        if ch.isprintable():
+            piece, space = ch, False
+        elif ch.isspace():
+            if space:
+                continue
+            piece, space = " ", True
+        else:
+            o, space = ord(ch), False
+            piece = f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+        if n + len(piece) > limit:
+            return "".join(out) + "…"
+        out.append(piece)
+        n += len(piece)
+    if len(text) > limit * 2:
+        return "".join(out) + "…"
+    return "".join(out)
 
 
 class SendIncomplete(RetriableError):

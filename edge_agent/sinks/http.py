@@ -16,8 +16,12 @@ a batch is those bodies joined into a JSON array, so nothing is parsed per event
 ``Idempotency-Key`` is derived from the event ids, so a retried batch of the same events
 carries the same key (receivers must still deduplicate per event id: after a restart the
 same events may travel in a differently cut batch). When the receiver rejects a batch for
-good, its events are re-sent one per request (as one-element batches, which the same
-endpoint accepts, keyed by the event id) so only the bad ones are dead-lettered.
+good, the batch is split in halves, in order, and each half sent again (a half of one event
+is a one-element batch keyed by the event id), so only the bad events are dead-lettered and
+the rest stays batched: one rejected event in N costs about 2 log2(N) more requests, not N.
+
+Everything the receiver says (body, reason phrase, headers) goes through ``peer_text``
+before it is kept in a reason or an error message: one printable line, bounded.
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ from .. import __version__
 from ..config import HttpSinkConfig
 from ..errors import ConfigError, ConfigProblem, RetriableError
 from ..outbox.store import Pending
-from .base import Result, SendIncomplete
+from .base import Result, SendIncomplete, peer_text
 
 SINGLE_CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 REASON_MAX_CHARS = 1000  # of a rejecting response's body, kept in the dead letter
+ERROR_DETAIL_MAX_CHARS = 200  # of a failing response's body, in a transient error
 RESPONSE_MAX_BYTES = 64 * 1024  # read at most this much of any response body
 BATCH_KEY_NAMESPACE = uuid.UUID("0d6f3c52-8a51-5e0b-b7a4-3c9e1f2a6d40")
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
@@ -95,8 +100,28 @@ class HttpSink:
     async def send(self, items: list[Pending]) -> list[Result]:
         if not items:
             return []
-        if self.cfg.mode == "single":
-            return await self._send_each(items, batch=False)
+        results: list[Result] = []
+        try:
+            if self.cfg.mode == "single":
+                for it in items:
+                    results.append(
+                        await self._post(it.body.encode(), SINGLE_CONTENT_TYPE, it.id, it.subject)
+                    )
+            else:
+                await self._send_batch(items, results)
+        except RetriableError as exc:
+            # In order: what has a result is settled, the rest is retried by the dispatcher.
+            if not results:
+                raise
+            raise SendIncomplete(results, exc) from exc
+        return results
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _send_batch(self, items: list[Pending], results: list[Result]) -> None:
+        """POST ``items`` as one batch; on a permanent rejection, bisect to isolate the bad
+        events. Appends one result per item to ``results``, in order; raises on the first
+        transient failure (``results`` then holds the settled prefix)."""
         result = await self._post(
             b"[" + b",".join(it.body.encode() for it in items) + b"]",
             BATCH_CONTENT_TYPE,
@@ -104,32 +129,15 @@ class HttpSink:
             items[0].subject,
         )
         if result is None:
-            return [None] * len(items)
-        if len(items) == 1:
-            return [result]
-        # Rejected for good: find the bad event(s) instead of dead-lettering the whole batch.
-        return await self._send_each(items, batch=True)
-
-    # --- internals -------------------------------------------------------------------------
-
-    async def _send_each(self, items: list[Pending], *, batch: bool) -> list[Result]:
-        """One request per event, in order; stop at the first transient failure."""
-        results: list[Result] = []
-        for it in items:
-            body = it.body.encode()
-            try:
-                if batch:
-                    res = await self._post(
-                        b"[" + body + b"]", BATCH_CONTENT_TYPE, it.id, it.subject
-                    )
-                else:
-                    res = await self._post(body, SINGLE_CONTENT_TYPE, it.id, it.subject)
-            except RetriableError as exc:
-                if not results:
-                    raise
-                raise SendIncomplete(results, exc) from exc
-            results.append(res)
-        return results
+            results.extend([None] * len(items))
+        elif len(items) == 1:
+            results.append(result)
+        else:
+            # Rejected for good: some event(s) of it are bad (or the batch is too large for
+            # the receiver). Halves, in order, keep the good events batched.
+            mid = len(items) // 2
+            await self._send_batch(items[:mid], results)
+            await self._send_batch(items[mid:], results)
 
     async def _post(self, content: bytes, content_type: str, key: str, subject: str) -> Result:
         client = self._client
@@ -154,25 +162,30 @@ class HttpSink:
                 f"POST {self._where}: no complete response within {self.cfg.timeout_secs}s"
             ) from exc
         except httpx.RequestError as exc:
-            raise RetriableError(f"POST {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise RetriableError(
+                f"POST {self._where}: {type(exc).__name__}: {peer_text(str(exc))}"
+            ) from exc
         return self._outcome(response, body)
 
     def _outcome(self, response: httpx.Response, body: bytes) -> Result:
         status = response.status_code
         if 200 <= status < 300 or status == 409:  # 409: the receiver already has it
             return None
-        text = body.decode("utf-8", "replace")
+        # Decode only what can be kept (the body may be 64 KB of anything).
+        text = body[: REASON_MAX_CHARS * 4].decode("utf-8", "replace").strip()
+        phrase = peer_text(response.reason_phrase, 100)
         if 400 <= status < 500 and status not in (408, 425, 429, 401, 403):
-            return f"HTTP {status}: {text[:REASON_MAX_CHARS] or response.reason_phrase}"
+            return f"HTTP {status}: {peer_text(text, REASON_MAX_CHARS) or phrase}"
         # 408/425/429/5xx by contract; 1xx/3xx are not an answer about the event (a redirect
         # means the url is wrong), and 401/403 say our credentials are wrong, not the event:
         # dead-lettering every event for an expired token would bury the operator. Keep the
         # events until an operator fixes the config.
-        detail = text[:200].strip() or response.reason_phrase
+        detail = peer_text(text, ERROR_DETAIL_MAX_CHARS) or phrase
         if status in (401, 403):
             detail = f"{detail} (check the sink's credentials)"
         if 300 <= status < 400 and "location" in response.headers:
-            detail = f"redirect to {response.headers['location']} (check the sink url)"
+            where = peer_text(response.headers["location"], ERROR_DETAIL_MAX_CHARS)
+            detail = f"redirect to {where} (check the sink url)"
         raise RetriableError(
             f"POST {self._where}: HTTP {status}: {detail}",
             retry_after_secs=parse_retry_after(response.headers.get("retry-after")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from edge_agent.sinks.http import (
     parse_retry_after,
 )
 from edge_agent.testing import ReceivedEvent, check_sink_contract, sample_items
+from simulators.receiver import Receiver as SimReceiver
 
 URL = "http://wms.test/events"
 
@@ -256,7 +258,7 @@ async def test_permanent_reason_keeps_the_first_1000_chars_or_the_reason_phrase(
     mock = Mock(httpx.Response(422, text="x" * 5000), httpx.Response(400))
     sink = await started(mock, mode="single")
     long, empty = await sink.send(sample_items(2))
-    assert long == "HTTP 422: " + "x" * 1000
+    assert long == "HTTP 422: " + "x" * 1000 + "…"  # marked as cut
     assert empty == "HTTP 400: Bad Request"
     await sink.close()
 
@@ -371,12 +373,60 @@ async def test_batch_rejection_is_isolated_to_the_bad_event() -> None:
     mock = Mock(*[reject_middle] * 4)
     sink = await started(mock, mode="batch")
     assert await sink.send(items) == [None, f"HTTP 422: invalid event {items[1].id}", None]
-    batch, *singles = mock.requests
-    assert len(json.loads(batch.content)) == 3
-    assert [json.loads(r.content) for r in singles] == [[json.loads(it.body)] for it in items]
-    assert [r.headers["idempotency-key"] for r in singles] == [it.id for it in items]
-    assert [r.headers["x-correlation-id"] for r in singles] == [it.subject for it in items]
-    assert all(r.headers["content-type"] == BATCH_CONTENT_TYPE for r in singles)
+    # Bisected in order: [0,1,2] rejected -> [0] ok, [1,2] rejected -> [1] dead, [2] ok.
+    sent = [[e["id"] for e in json.loads(r.content)] for r in mock.requests]
+    ids = [it.id for it in items]
+    assert sent == [ids, ids[:1], ids[1:], ids[1:2], ids[2:]]
+    keys = [r.headers["idempotency-key"] for r in mock.requests]
+    assert keys[1] == ids[0] and keys[3] == ids[1] and keys[4] == ids[2]  # one event: its id
+    assert keys[2] not in ids and keys[2] != keys[0]
+    assert [r.headers["x-correlation-id"] for r in mock.requests] == [
+        items[0].subject, items[0].subject, items[1].subject, items[1].subject, items[2].subject
+    ]
+    assert all(r.headers["content-type"] == BATCH_CONTENT_TYPE for r in mock.requests)
+    await sink.close()
+
+
+@pytest.mark.parametrize("n", [64, 500])
+async def test_one_rejected_event_in_a_batch_costs_log_n_requests_at_a_real_receiver(n: int) -> None:
+    """A batch of N with one bad event: the bad one is isolated with O(log N) requests, every
+    other event arrives exactly once and the rejection reason is the receiver's."""
+    items = sample_items(n)
+    bad = items[n * 2 // 3]
+    async with SimReceiver("wms") as rec:
+        await rec.control({"reject_ids": [bad.id], "reject_status": 422})
+        sink = HttpSink("wms", config(url=f"http://127.0.0.1:{rec.events_port}/events", mode="batch"))
+        await sink.start()
+        try:
+            results = await sink.send(items)
+        finally:
+            await sink.close()
+        assert rec.requests <= 1 + 2 * math.ceil(math.log2(n))  # not n
+        assert [e["id"] for e in rec.events] == [it.id for it in items if it is not bad]
+        assert rec.duplicates == 0
+    reasons = {it.id: r for it, r in zip(items, results, strict=True) if r is not None}
+    assert list(reasons) == [bad.id]
+    assert reasons[bad.id].startswith("HTTP 422: ") and bad.id in reasons[bad.id]
+
+
+async def test_a_transient_failure_while_isolating_keeps_the_settled_prefix() -> None:
+    items = sample_items(4)
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        ids = [e["id"] for e in json.loads(request.content)]
+        if len(ids) == 4 or ids == [items[2].id, items[3].id]:
+            return httpx.Response(400, text="bad batch")
+        if ids == [items[2].id]:
+            return httpx.Response(503, headers={"Retry-After": "2"})
+        return httpx.Response(200)
+
+    mock = Mock(*[reply] * 10)
+    sink = await started(mock, mode="batch")
+    with pytest.raises(SendIncomplete) as info:
+        await sink.send(items)
+    assert info.value.results == [None, None]  # the first half went through as one batch
+    assert info.value.retry_after_secs == 2.0
+    assert [len(json.loads(r.content)) for r in mock.requests] == [4, 2, 2, 1]
     await sink.close()
 
 
@@ -390,9 +440,9 @@ async def test_batch_of_one_rejected_is_dead_without_a_second_request() -> None:
 
 async def test_batch_isolation_stops_at_a_transient_failure() -> None:
     mock = Mock(
-        httpx.Response(422),  # the batch
-        httpx.Response(200),  # event 1 alone
-        httpx.Response(429, headers={"Retry-After": "3"}),  # event 2 alone
+        httpx.Response(422),  # the batch of 3
+        httpx.Response(200),  # its first half: event 1 alone
+        httpx.Response(429, headers={"Retry-After": "3"}),  # its second half: events 2-3
     )
     sink = await started(mock, mode="batch")
     with pytest.raises(SendIncomplete) as info:
@@ -405,6 +455,35 @@ async def test_batch_isolation_stops_at_a_transient_failure() -> None:
     with pytest.raises(RetriableError) as first_fails:
         await sink.send(sample_items(3))
     assert type(first_fails.value) is RetriableError  # nothing settled: not SendIncomplete
+    await sink.close()
+
+
+# --- what a peer says is untrusted text ------------------------------------------------------
+
+GARBAGE = "bad\x00\x00 event\r\nFAKE LOG LINE level=ERROR\x1b[31m red\u202e\x7f" + "z" * 50_000
+
+
+def assert_one_bounded_printable_line(text: str, limit: int) -> None:
+    assert text.isprintable(), repr(text[:200])
+    assert "\n" not in text and "\r" not in text and "\x00" not in text
+    assert len(text) <= limit, len(text)
+
+
+async def test_garbage_bodies_and_headers_become_one_bounded_printable_line() -> None:
+    garbage = GARBAGE.encode() + b"\xff\xfe"
+    mock = Mock(
+        httpx.Response(422, content=garbage),
+        httpx.Response(503, content=garbage),
+        httpx.Response(307, headers={"Location": "http://x/\x7f" + "y" * 5000}),
+    )
+    sink = await started(mock, mode="single")
+    (reason,) = await sink.send(sample_items(1))
+    assert reason is not None and reason.startswith("HTTP 422: bad\\x00\\x00 event FAKE LOG LINE")
+    assert_one_bounded_printable_line(reason, 1100)
+    for _ in range(2):
+        with pytest.raises(RetriableError) as info:
+            await sink.send(sample_items(1))
+        assert_one_bounded_printable_line(str(info.value), 400)
     await sink.close()
 
 
