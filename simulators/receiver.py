@@ -12,16 +12,21 @@ events port refuse connections and bring it back:
                     {"mode": "status", "status": 503}
                     {"mode": "status", "status": 429, "retry_after_secs": 2}
                     {"reject_ids": ["id1"], "reject_status": 422}
+                    {"reject_fraction": 0.05}    reject that share of ids (chosen by a hash
+                                                 of the id, so the same ids every time)
+                    {"body": "garbage"}          failure bodies full of NUL, control and
+                                                 escape characters and invalid UTF-8
                     {"delay_ms": 500}
                     {"fail_next": 3, "status": 503}
     GET  /_control  the current failure settings
-    GET  /_received {"events": [...], "redelivered": [...], "duplicates": n, "requests": n,
-                     "statuses": {...}}
+    GET  /_received {"events": [...], "redelivered": [...], "rejected": [...],
+                     "duplicates": n, "requests": n, "statuses": {...}}
     GET  /_stats    the same without "events" and "redelivered"
     POST /_reset    forget received events and counters (failure settings are kept)
 
 Keys combine in one request; `mode` is applied first. Unknown keys are a 400, so a typo in a
-test does not silently leave the receiver healthy. The `Idempotency-Key` header is checked
+test does not silently leave the receiver healthy. `rejected` holds each id rejected on
+purpose (by `reject_ids` or `reject_fraction`) once, with its type and business key. The `Idempotency-Key` header is checked
 (missing, or not the event id of a single event) and counted, but dedup is per event id.
 """
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -48,7 +54,15 @@ SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 REQUIRED_ATTRIBUTES = ("id", "type", "subject", "data")
 CONTROL_KEYS = frozenset(
-    {"mode", "status", "retry_after_secs", "reject_ids", "reject_status", "delay_ms", "fail_next"}
+    {"mode", "status", "retry_after_secs", "reject_ids", "reject_status", "delay_ms", "fail_next",
+     "reject_fraction", "body"}
+)
+BODIES = ("json", "garbage")
+# What a broken WMS front end might answer: NUL, control characters, terminal escapes, a
+# fake log line and bytes that are not UTF-8, long enough to flood a log.
+GARBAGE = (
+    b"\x00\x01\x02<html>\x1b[31mERROR\x1b[0m\r\n2026-01-01 00:00:00 CRITICAL forged log line\n"
+    b"\xff\xfe\xc3\x28\x07\x08\x0b\x0c\x7f" + b"\x00garbage" * 4000
 )
 MODES = ("ok", "refuse", "status")
 # Short, so "refuse" drops open keep-alive connections promptly instead of letting a
@@ -68,6 +82,8 @@ class Failures:
     delay_ms: float = 0.0
     fail_next: int = 0
     fail_next_status: int = 503
+    reject_fraction: float = 0.0
+    body: str = "json"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -118,11 +134,29 @@ def _check_control(settings: Mapping[str, Any]) -> list[str]:
         errors.append("reject_status must be an HTTP status code")
     if "delay_ms" in settings and not _is_number(settings["delay_ms"]):
         errors.append("delay_ms must be a number >= 0")
+    if "reject_fraction" in settings and not (
+        _is_number(settings["reject_fraction"]) and settings["reject_fraction"] <= 1
+    ):
+        errors.append("reject_fraction must be a number within 0..1")
+    if "body" in settings and settings["body"] not in BODIES:
+        errors.append(f"body must be one of {', '.join(BODIES)}")
     if "fail_next" in settings:
         n = settings["fail_next"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             errors.append("fail_next must be an integer >= 0")
     return errors
+
+
+def _hash_fraction(event_id: str) -> float:
+    """A number in [0, 1) fixed by the id: which ids `reject_fraction` rejects."""
+    return int.from_bytes(hashlib.sha1(event_id.encode()).digest()[:8], "big") / 2**64
+
+
+def _rejected_entry(envelope: Mapping[str, Any], status: int) -> dict[str, Any]:
+    data = envelope.get("data")
+    key = data.get("tracking_id") if isinstance(data, dict) else None
+    return {"id": envelope["id"], "type": envelope.get("type"),
+            "key": str(key or envelope.get("subject")), "status": status}
 
 
 def _json_response(
@@ -155,6 +189,7 @@ class Receiver:
         self.failures = Failures()
         self.events: list[dict[str, Any]] = []
         self.redelivered: list[dict[str, Any]] = []
+        self.rejected: dict[str, dict[str, Any]] = {}
         self._arrivals = 0
         self._seen: set[str] = set()
         self.duplicates = 0
@@ -226,6 +261,10 @@ class Receiver:
         if "fail_next" in settings:
             f.fail_next = settings["fail_next"]
             f.fail_next_status = settings.get("status", 503)
+        if "reject_fraction" in settings:
+            f.reject_fraction = float(settings["reject_fraction"])
+        if "body" in settings:
+            f.body = settings["body"]
         return f.to_json()
 
     def stats(self) -> dict[str, Any]:
@@ -246,6 +285,7 @@ class Receiver:
     def reset(self) -> None:
         self.events = []
         self.redelivered = []
+        self.rejected = {}
         self._seen.clear()
         self.duplicates = self.requests = self.idempotency_key_errors = 0
         self.statuses.clear()
@@ -291,6 +331,9 @@ class Receiver:
         if self.failures.retry_after_secs is not None:
             # HTTP delta-seconds are whole numbers.
             headers = {"Retry-After": str(math.ceil(self.failures.retry_after_secs))}
+        if self.failures.body == "garbage":
+            return web.Response(body=GARBAGE, status=status, headers=headers,
+                                content_type="text/html")
         return _json_response({"error": f"injected failure {status}"}, status, headers)
 
     async def _handle_events(self, request: web.Request) -> web.Response:
@@ -315,11 +358,18 @@ class Receiver:
         key = request.headers.get("Idempotency-Key")
         if not key or (request.content_type == SINGLE and key != envelopes[0]["id"]):
             self.idempotency_key_errors += 1
-        if f.reject_ids:
-            rejected = [e["id"] for e in envelopes if e["id"] in f.reject_ids]
+        if f.reject_ids or f.reject_fraction:
+            rejected = [e for e in envelopes if e["id"] in f.reject_ids
+                        or _hash_fraction(e["id"]) < f.reject_fraction]
             if rejected:
+                for e in rejected:
+                    self.rejected.setdefault(e["id"], _rejected_entry(e, f.reject_status))
+                if f.body == "garbage":
+                    return web.Response(body=GARBAGE, status=f.reject_status,
+                                        content_type="text/html")
                 # A batch is all or nothing: nothing of it is recorded.
-                body = {"error": "rejected by test control", "rejected_ids": rejected}
+                body = {"error": "rejected by test control",
+                        "rejected_ids": [e["id"] for e in rejected]}
                 return _json_response(body, f.reject_status)
 
         now = time.time()
@@ -379,7 +429,8 @@ class Receiver:
 
     async def _handle_received(self, _request: web.Request) -> web.Response:
         return _json_response(
-            {"events": self.events, "redelivered": self.redelivered, **self.stats()}
+            {"events": self.events, "redelivered": self.redelivered,
+             "rejected": list(self.rejected.values()), **self.stats()}
         )
 
     async def _handle_stats(self, _request: web.Request) -> web.Response:
