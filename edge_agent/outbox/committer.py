@@ -5,7 +5,11 @@ batch, the next one fills, so the commit rate adapts to the load without per-eve
 After each commit the batch's acks run (in order), the new events are handed to each
 sink's ``Feed`` and the dispatchers are woken.
 
-A commit failure is fatal for the agent: nothing of that batch was acknowledged, so the
+A full disk (``OutboxFull``) is ridden out: the committer reports it once through
+``on_pressure("disk_full", detail)`` (the agent pauses every connector: devices' messages stay
+unacknowledged upstream), retries the *same* sealed batch with capped backoff, and reports
+``on_pressure("disk_full", None)`` once it is durable; only then are its acks called. Any
+other commit failure is fatal for the agent: nothing of that batch was acknowledged, so the
 broker redelivers it after a restart; continuing would mean acknowledging nothing forever.
 """
 
@@ -20,13 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import StoreError
-from .batch import Batch
-from .store import Pending, Store
+from .batch import Batch, SealedBatch
+from .store import OutboxFull, Pending, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FEED_MAX_ITEMS = 10_000  # per sink; beyond it the dispatcher reads the outbox instead
+FULL_RETRY_FIRST_SECS = 0.2  # a commit that found the disk full is retried after this,
+FULL_RETRY_MAX_SECS = 5.0  # doubling up to this
 
 
 class Feed:
@@ -84,6 +90,11 @@ class Committer:
         self.committed_inputs = 0
         self.last_commit_ms = 0.0
         self.failed: BaseException | None = None
+        # Told (kind, plain-words detail) when ingest must pause, (kind, None) when it may
+        # resume; kinds: "disk_full" (here), "quota" (see ``quota_bytes``).
+        self.on_pressure: Callable[[str, str | None], None] | None = None
+        self.full_since: float | None = None  # wall time the disk was first found full
+        self.full_retries = 0
 
     def listen(self) -> asyncio.Event:
         """An event set after every commit that added business events (for a dispatcher)."""
@@ -140,7 +151,7 @@ class Committer:
         self.flushing = True
         self.flush_started = time.monotonic()
         try:
-            all_new = await self.run_db(self.store.commit, sealed)
+            all_new = await self._commit(sealed)
         except StoreError as exc:
             self.failed = exc
             log.error("outbox commit failed; stopping ingest: %s", exc)
@@ -158,6 +169,37 @@ class Committer:
         if b.events or b.settles:
             for ev in self._listeners:
                 ev.set()
+
+    async def _commit(self, sealed: SealedBatch) -> bool:
+        """Commit ``sealed``; while the disk is full, pause ingest and retry the same batch."""
+        delay = FULL_RETRY_FIRST_SECS
+        while True:
+            try:
+                all_new = await self.run_db(self.store.commit, sealed)
+                break
+            except OutboxFull as exc:
+                if self.full_since is None:
+                    self.full_since = time.time()
+                    log.error(
+                        "%s. Ingest paused: devices' messages stay unacknowledged and wait "
+                        "upstream; the commit is retried until there is room", exc,
+                    )
+                    self._pressure("disk_full", str(exc))
+                self.full_retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FULL_RETRY_MAX_SECS)
+        if self.full_since is not None:
+            log.warning(
+                "outbox %s has room again after %.0f s: commit done, ingest resumed",
+                self.store.path, time.time() - self.full_since,
+            )
+            self.full_since = None
+            self._pressure("disk_full", None)
+        return all_new
+
+    def _pressure(self, kind: str, detail: str | None) -> None:
+        if self.on_pressure is not None:
+            self.on_pressure(kind, detail)
 
     def _feed(self, b: Batch, routes: list[tuple[str, int, str]], first: int, all_new: bool) -> None:
         last = first + len(b.events) - 1

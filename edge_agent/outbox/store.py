@@ -17,6 +17,7 @@ Tables:
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -30,8 +31,18 @@ from ..errors import StoreError
 from .batch import SealedBatch
 
 PENDING, DELIVERED, DEAD = 0, 1, 2
+# What SQLite says when a write finds no room: SQLITE_FULL (ENOSPC on a write, or
+# max_page_count reached); growing the shared-memory index or the WAL can fail as an I/O
+# error instead, which we take for the same only when the filesystem is indeed out of space.
+_FULL_IOERRS = {"SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_TRUNCATE"}
+_LOW_FREE_BYTES = 1 << 20
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
 SCHEMA_VERSION = 1
+
+
+class OutboxFull(StoreError):
+    """A write found no room (disk full, or the outbox's hard size limit). Nothing of the
+    transaction was written; the same write may be retried once there is room."""
 
 
 @dataclass(slots=True)
@@ -208,11 +219,35 @@ class Store:
                     )
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                self._rollback()
                 raise
         except sqlite3.Error as exc:
-            raise StoreError(f"outbox commit failed: {exc}") from exc
+            raise self._error("commit", exc) from exc
         return all_new
+
+    def _rollback(self) -> None:
+        """Roll back what is left of a failed transaction, never masking why it failed
+        (after SQLITE_FULL, SQLite has usually rolled back already)."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _error(self, what: str, exc: sqlite3.Error) -> StoreError:
+        name = getattr(exc, "sqlite_errorname", "")
+        if name == "SQLITE_FULL" or (name in _FULL_IOERRS and self.free_bytes() < _LOW_FREE_BYTES):
+            return OutboxFull(
+                f"disk full or outbox at its size limit: cannot write {self.path} "
+                f"({self.free_bytes() / 2**20:.1f} MB free on its filesystem; SQLite: {exc})"
+            )
+        return StoreError(f"outbox {what} failed: {exc}")
+
+    def free_bytes(self) -> int:
+        try:
+            return shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return 0
 
     def fetch_pending(self, sink: str, after_seq: int, limit: int) -> list[Pending]:
         rows = self.conn.execute(
