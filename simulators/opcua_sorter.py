@@ -95,6 +95,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asyncua import Server, ua
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 from cryptography import x509
@@ -300,6 +301,31 @@ def _to_der(cert: Any) -> bytes | None:
         return None
 
 
+class _TrustList:
+    """Accepts a client application certificate only if it is one of the trusted files (read
+    at each session, as a server's "trusted" folder): anything else is refused at
+    CreateSession with BadCertificateUntrusted, as an asyncua server with a trust store does.
+    (asyncua's own ``CertificateValidator``/``TrustStore`` verify chains to a CA, and a
+    self-signed, non-CA application certificate never verifies against them.)"""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths  # the simulator's list: trusting a certificate later takes effect
+        self.refused = 0  # sessions refused
+
+    async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        trusted = set()
+        for p in self.paths:
+            data = p.read_bytes()
+            if data.lstrip().startswith(b"-----BEGIN"):
+                data = x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+            trusted.add(data)
+        if cert.public_bytes(serialization.Encoding.DER) not in trusted:
+            self.refused += 1
+            log.warning("refused a client certificate (%s, %s): not trusted",
+                        cert.subject.rfc4514_string(), app.ApplicationUri)
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+
 class _SorterUserManager(UserManager):
     """Refuses sessions on an unencrypted channel when security is required, and checks
     username/password against the configured users when there are any.
@@ -363,6 +389,7 @@ class SorterSim:
         security: Security = "none",
         users: Mapping[str, str] | None = None,
         user_certificates: Sequence[Path] = (),
+        trusted_client_certificates: Sequence[Path] | None = None,
         secure_policies: Sequence[str] = ("Basic256Sha256_SignAndEncrypt",),
         cert_dir: Path | str | None = None,
         ground_truth_path: Path | str | None = None,
@@ -378,7 +405,10 @@ class SorterSim:
         sorter after every N-th inducted carton for `jam_secs` (0: never); `users` maps
         username to password (empty: anonymous allowed); `cert_dir` holds the server
         certificate, generated on first start (default: a temporary directory removed by
-        `stop`); `ground_truth_path` is written on `stop` and on every `restart`.
+        `stop`); `ground_truth_path` is written on `stop` and on every `restart`;
+        `trusted_client_certificates` (with security "sign_encrypt"): the only client
+        application certificates accepted, any other is refused at CreateSession with
+        BadCertificateUntrusted (None, the default: any is accepted).
         `timestamp_resolution_ms` (0: full resolution), `clock_offset_secs`,
         `clock_drift_ppm`, `sampling_ms` (0: exception-based), `events` and
         `warmup_cartons`: see the module docstring."""
@@ -410,6 +440,12 @@ class SorterSim:
         self.security: Security = security
         self.users = dict(users or {})
         self.user_certificates = [Path(p).read_bytes() for p in user_certificates]
+        # With security "sign_encrypt": the client application certificates trusted (DER or
+        # PEM files), or None to accept any.
+        self.trusted_client_certificates = (
+            None if trusted_client_certificates is None
+            else [Path(p) for p in trusted_client_certificates])
+        self.client_trust: _TrustList | None = None
         # With security "sign_encrypt": the ua.SecurityPolicyType names offered (policy_mode).
         self.secure_policies = [getattr(ua.SecurityPolicyType, p) for p in secure_policies]
         self._cert_dir = Path(cert_dir) if cert_dir is not None else None
@@ -630,6 +666,9 @@ class SorterSim:
             await server.load_certificate(str(cert))
             await server.load_private_key(str(key))
             server.set_security_policy(self.secure_policies)
+            if self.trusted_client_certificates is not None:
+                self.client_trust = _TrustList(self.trusted_client_certificates)
+                server.set_certificate_validator(self.client_trust)
         else:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         # With users, anonymous sessions are refused; without, nobody needs a password.

@@ -67,6 +67,7 @@ import hashlib
 import logging
 import socket
 import time
+import traceback
 from collections import deque
 from typing import Any
 
@@ -97,6 +98,16 @@ POLICIES = {
     "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
 }
 OVERFLOW = 0x0480  # StatusCode InfoType DataValue + Overflow: the item's queue lost values
+CERT_FILE = "edge-agent-cert.der"  # the agent's application certificate, in certificate_dir
+# Status codes of a server refusing our application certificate (channel or session).
+CERTIFICATE_REFUSALS = frozenset({
+    "BadSecurityChecksFailed", "BadCertificateUntrusted", "BadCertificateInvalid",
+    "BadCertificateTimeInvalid", "BadCertificateIssuerTimeInvalid", "BadCertificateUriInvalid",
+    "BadCertificateUseNotAllowed", "BadCertificateIssuerUseNotAllowed", "BadCertificateRevoked",
+    "BadCertificateIssuerRevoked", "BadCertificateRevocationUnknown",
+    "BadCertificateIssuerRevocationUnknown", "BadCertificatePolicyCheckFailed",
+    "BadNoValidCertificates",
+})
 MAX_PENDING = 10_000  # field notifications kept per event while its trigger is quiet
 MAX_READS = 10_000  # fired triggers waiting for their Read (fields_from: read)
 UNKNOWN = object()  # a field with no value since the subscription was made
@@ -271,8 +282,8 @@ class OpcuaConnector:
                 await self._secure(client)
             try:
                 await asyncio.wait_for(client.connect(), c.timeout_secs * 2)
-            except (OSError, TimeoutError, ua.UaError, asyncio.TimeoutError) as exc:
-                raise NotConnected(f"{self.name}: cannot connect to {c.endpoint}: {exc!r}") from exc
+            except Exception as exc:  # asyncua may fail a refused channel with a bare assert
+                raise self._connect_error(exc) from exc
             nodes = await self._resolve(client)
             self._reads.clear()
             sub = await self._subscribe(client, nodes)
@@ -300,7 +311,7 @@ class OpcuaConnector:
         c = self.conn
         pki = c.certificate_dir
         pki.mkdir(parents=True, exist_ok=True)
-        key, cert = pki / "edge-agent-key.pem", pki / "edge-agent-cert.der"
+        key, cert = pki / "edge-agent-key.pem", pki / CERT_FILE
         host = socket.gethostname()
         client.application_uri = f"urn:edge-agent:{host}"
         if not cert.exists() or not key.exists():
@@ -340,6 +351,38 @@ class OpcuaConnector:
             log.warning("%s: accepting the server certificate %s without checking it "
                         "(trust_any_server_certificate)", self.name, fingerprint)
         await client.set_security(policy, str(cert), str(key), server_certificate=der, mode=mode)
+
+    def _connect_error(self, exc: Exception) -> NotConnected:
+        """What a failed connect means, in words an operator can act on. With security on,
+        a server that does not trust our application certificate refuses it with a status
+        (BadSecurityChecksFailed at the channel, BadCertificateUntrusted at the session) or
+        just closes the connection while the secure channel opens (asyncua then fails with
+        a ConnectionError, or a bare AssertionError when the refusal comes as a channel
+        response): every one of these names our certificate file and what to do."""
+        c = self.conn
+        where = f"{self.name}: cannot connect to {c.endpoint}"
+        if c.security_policy == "None":
+            return NotConnected(f"{where}: {exc!r}")
+        cert = c.certificate_dir / CERT_FILE
+        code = exc.code if isinstance(exc, ua.UaStatusCodeError) else None
+        if code is not None:
+            name, doc = ua.status_codes.get_name_and_doc(code)
+            if name in CERTIFICATE_REFUSALS:
+                return NotConnected(
+                    f"{where}: the server refused our application certificate {cert} ({name}: "
+                    f"{doc}); the server must trust it: add {cert} to the server's trusted "
+                    f"certificates (or accept it in its rejected list)")
+            return NotConnected(f"{where}: {exc!r}")
+        opening = any(f.f_code.co_name == "open_secure_channel"
+                      for f, _ in traceback.walk_tb(exc.__traceback__))
+        if opening and not isinstance(exc, TimeoutError):
+            return NotConnected(
+                f"{where}: the server closed the secure channel ({c.security_policy}/"
+                f"{c.security_mode}) while it was being opened with our application "
+                f"certificate {cert} ({exc!r}); servers do this when they do not trust the "
+                f"client's certificate: the server must trust it (add {cert} to the server's "
+                f"trusted certificates)")
+        return NotConnected(f"{where}: {exc!r}")
 
     async def stop(self) -> None:
         self._stopping = True
