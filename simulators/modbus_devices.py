@@ -39,7 +39,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -187,18 +187,36 @@ class Faults:
     exception: answer requests with this Modbus exception code instead (e.g.
         ExcCodes.ILLEGAL_ADDRESS = 2, ExcCodes.DEVICE_BUSY = 6); `exception_on` says
         whether reads, writes or both get it.
+    exception_rate: the fraction of those requests that get it (1.0, the default: every
+        one), drawn from a random generator seeded with `exception_seed`, as a busy PLC or
+        a gateway answers "busy" now and then.
     """
 
     blackhole: bool = False
     delay_ms: int = 0
     exception: ExcCodes | None = None
     exception_on: Literal["read", "write", "all"] = "read"
+    exception_rate: float = 1.0
+    exception_seed: int = 0
+    exceptions_sent: int = 0  # requests answered with `exception`
+    _rng: random.Random | None = field(default=None, repr=False, compare=False)
+
+    def draw_exception(self) -> bool:
+        """Whether this request gets the exception (counted)."""
+        if self.exception_rate < 1.0:
+            if self._rng is None:
+                self._rng = random.Random(self.exception_seed)
+            if self._rng.random() >= self.exception_rate:
+                return False
+        self.exceptions_sent += 1
+        return True
 
     def clear(self) -> None:
         self.blackhole = False
         self.delay_ms = 0
         self.exception = None
         self.exception_on = "read"
+        self.exception_rate = 1.0
 
 
 @dataclass
@@ -262,7 +280,8 @@ class DeviceMemory:
         f = self.faults
         if f.exception is not None and (f.exception_on == "all"
                                         or f.exception_on == ("write" if write else "read")):
-            return f.exception
+            if f.draw_exception():
+                return f.exception
         limit = self.max_bits if table in ("coil", "discrete_input") else self.max_registers
         if count < 1 or count > limit:
             return ExcCodes.ILLEGAL_VALUE

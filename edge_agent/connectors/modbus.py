@@ -3,9 +3,17 @@
 One connector per device, each its own supervised task and connection, so one bad device
 never stalls the others. Requests on the connection are serialized (a lock), each with the
 device's timeout; after a timeout the connection is recycled so that a late reply can never
-be taken for the answer to a later request. Failures move the device to *degraded*, and
-after ``offline_after_failures`` in a row the connector raises ``NotConnected``: the
-supervisor marks it *offline* and reconnects with backoff (no busy loop while it is down).
+be taken for the answer to a later request. A poll with no answer (a timeout, a dropped
+connection) moves the device to *degraded*, and after ``offline_after_failures`` in a row
+the connector raises ``NotConnected``: the supervisor marks it *offline* and reconnects with
+backoff (no busy loop while it is down).
+
+An exception response is an answer, not a failure of the device's connection: it is
+counted (per function and exception code, in ``status()["exception_responses"]``), logged
+once per kind, that poll of the group is dropped, and polling goes on at the same pace; the
+device stays *online*. Only while a group gets nothing but exception responses for
+``REFUSED_SECS`` (or three of its intervals, if longer) is the device *degraded* (it
+answers, but gives no data), and it is *online* again at the next good read.
 
 Reads follow the coalesced plan (``modbus_plan.plan``), per poll group at its interval.
 Events come from state: a counter that advanced (a gap of more than one is reported as a
@@ -43,6 +51,7 @@ from .triggers import Watch
 
 log = logging.getLogger(__name__)
 
+FUNCTION_CODES = {"coil": 1, "discrete_input": 2, "holding_register": 3, "input_register": 4}
 EXCEPTION_NAMES = {
     1: "ILLEGAL FUNCTION", 2: "ILLEGAL DATA ADDRESS", 3: "ILLEGAL DATA VALUE",
     4: "SERVER DEVICE FAILURE", 5: "ACKNOWLEDGE", 6: "SERVER DEVICE BUSY",
@@ -50,8 +59,24 @@ EXCEPTION_NAMES = {
 }
 
 
+REFUSED_SECS = 2.0  # only exception responses for a group this long: degraded
+
+
+class ExceptionAnswer(Exception):
+    """The device answered a request with a Modbus exception response (it is alive)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key  # "fc3 exception 6 (SERVER DEVICE BUSY)": what is counted
+
+
+def exception_key(function_code: int, code: int | None) -> str:
+    name = EXCEPTION_NAMES.get(code or 0, "unknown")
+    return f"fc{function_code & 0x7F} exception {code} ({name})"
+
+
 class DeviceError(RetriableError):
-    """One failed poll: a timeout, a dropped connection or an exception response."""
+    """One failed poll: a timeout, a dropped connection or a reply that makes no sense."""
 
     def __init__(self, message: str, *, recycle: bool):
         super().__init__(message)
@@ -116,7 +141,9 @@ class ModbusConnector:
             self.by_group.setdefault(profile.signals[w.signal].group, []).append(w)
         self.values: dict[str, Any] = {}
         self.health = Health()
-        self.failures = 0
+        self.failures = 0  # polls in a row without an answer
+        self.exception_responses: dict[str, int] = {}  # exception_key -> count
+        self._refused_since: dict[str, float] = {}  # group -> first of its exception-only polls
         self.polls = 0
         self.requests = 0
         self.client: AsyncModbusTcpClient | None = None
@@ -177,10 +204,13 @@ class ModbusConnector:
                 due[group] = time.monotonic() + self.intervals[group]
             try:
                 values = await self._read_group(group)
+            except ExceptionAnswer as exc:
+                self._refused(group, exc)
+                continue
             except DeviceError as exc:
                 await self._failed(exc)
                 continue
-            self._succeeded()
+            self._succeeded(group)
             self.values.update(values)
             self.polls += 1
             self._watch(self.by_group.get(group, ()))
@@ -220,9 +250,9 @@ class ModbusConnector:
         if rr.isError():
             code = getattr(rr, "exception_code", None)
             name = EXCEPTION_NAMES.get(code or 0, "unknown")
-            raise DeviceError(
+            raise ExceptionAnswer(
                 f"{self.name}: device answered exception {code} ({name}) reading {what}",
-                recycle=False,
+                exception_key(getattr(rr, "function_code", 0) or FUNCTION_CODES[req.table], code),
             )
         if req.table in BIT_TABLES:
             return list(rr.bits[: req.count])
@@ -247,11 +277,34 @@ class ModbusConnector:
             # A late reply may still come on this connection: never read it as the next one.
             await self._connect()
 
-    def _succeeded(self) -> None:
+    def _count_exception(self, exc: ExceptionAnswer) -> None:
+        n = self.exception_responses.get(exc.key, 0)
+        if not n:
+            log.warning("%s: %s (counted; polling goes on)", self.name, exc)
+        self.exception_responses[exc.key] = n + 1
+
+    def _refused(self, group: str, exc: ExceptionAnswer) -> None:
+        """An exception response: the device answered, so the connection is fine."""
+        self._count_exception(exc)
+        self.failures = 0
+        now = time.monotonic()
+        since = self._refused_since.setdefault(group, now)
+        if now - since >= max(REFUSED_SECS, 3 * self.intervals[group]):
+            if self.health.state != "degraded":
+                log.warning("%s degraded: only exception responses for %.1f s: %s",
+                            self.name, now - since, exc)
+            self.health.set("degraded", f"{exc} (only exception responses for "
+                                        f"{now - since:.1f} s)")
+
+    def _succeeded(self, group: str) -> None:
+        self._refused_since.pop(group, None)
         if self.failures or self.health.state != "online":
-            if self.health.state in ("degraded", "offline") or self.health.restarts:
-                log.info("%s online", self.name)
-            self.health.set("online")
+            now = time.monotonic()
+            if not any(now - t >= max(REFUSED_SECS, 3 * self.intervals[g])
+                       for g, t in self._refused_since.items()):
+                if self.health.state in ("degraded", "offline") or self.health.restarts:
+                    log.info("%s online", self.name)
+                self.health.set("online")
         self.failures = 0
 
     # --- events ----------------------------------------------------------------------------
@@ -316,6 +369,11 @@ class ModbusConnector:
                 self._ack_failed(w, f"could not write the acknowledge of {w.name}: {exc}")
                 return
         if rr.isError():
+            code = getattr(rr, "exception_code", None)
+            key = exception_key(getattr(rr, "function_code", 0) or (5 if table == "coil" else 6), code)
+            self._count_exception(ExceptionAnswer(
+                f"{self.name}: device answered exception {code} "
+                f"({EXCEPTION_NAMES.get(code or 0, 'unknown')}) to the acknowledge of {w.name}", key))
             self._ack_failed(w, f"device refused the acknowledge of {w.name}: {rr}")
             return
         if w.ack_failing:
@@ -337,6 +395,7 @@ class ModbusConnector:
             "state": self.health.state, "since": self.health.since,
             "last_error": self.health.last_error, "restarts": self.health.restarts,
             "polls": self.polls, "requests": self.requests,
+            "exception_responses": dict(self.exception_responses),
             "counter_gaps": {w.name: w.watch.missed_total for w in self.watchers
                              if w.kind == "counter"},
         }

@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 from asyncua import ua
 from asyncua.ua.ua_binary import uatcp_to_binary
+from pymodbus.constants import ExcCodes
 
-from edge_agent.config import OpcuaConnection
+from edge_agent.config import ModbusConnection, OpcuaConnection
+from edge_agent.connectors.modbus import ModbusConnector
 from edge_agent.connectors.opcua import OpcuaConnector
 from edge_agent.profiles import load_profile
 from edge_agent.profiles_opcua import OpcuaProfile
 from edge_agent.runtime.clock import SystemClock
 from edge_agent.runtime.supervisor import supervise
 from edge_agent.testing.fakes import RecordingIngest
+from simulators.modbus_devices import CheckweigherSim
 from simulators.opcua_sorter import SorterSim, generate_certificate
 
 PROFILES = Path(__file__).parents[2] / "device_profiles"
@@ -194,3 +197,66 @@ async def test_a_secure_channel_refused_for_our_certificate_is_a_clear_local_err
             if mode == "error":
                 assert "BadSecurityChecksFailed" in err, err
             assert proxy.refused >= 2
+
+
+# --- 7. a Modbus device answering exception responses --------------------------------------
+
+def checkweigher_connector(sim: CheckweigherSim, device: str = "CW2", **conn) -> ModbusConnector:
+    conn.setdefault("timeout_ms", 300)
+    c = ModbusConnection(kind="modbus", host="127.0.0.1", port=sim.port, **conn)
+    return ModbusConnector(device, c, load_profile(PROFILES / "acme_checkweigher_mb.yaml"),
+                           SystemClock())
+
+
+async def test_exception_responses_are_answers_the_device_stays_online_and_nothing_is_lost():
+    """A checkweigher answering 20% of its reads with SERVER DEVICE BUSY (default thresholds):
+    every weighing arrives, the device never leaves "online", and the exception responses are
+    counted per function and exception code, exactly as many as the device sent."""
+    async with CheckweigherSim() as sim:
+        c = checkweigher_connector(sim)
+        states: list[str] = []
+        async with supervised(c) as (ing, _):
+            assert await until(lambda: c.health.state == "online")
+            start = c.polls
+            assert await until(lambda: c.polls >= start + 3)  # the counter's baseline is known
+            c.health.on_change = states.append
+            sim.faults.exception_rate = 0.2
+            sim.faults.exception_seed = 8
+            sim.faults.exception = ExcCodes.DEVICE_BUSY
+            n = 25
+            for i in range(n):
+                # The device weighs at its own pace, never waiting for the agent: the next
+                # weighing comes after 8 more requests, whatever they were answered.
+                reads = sim.memory.reads
+                await sim.weigh(f"T{i:07d}", 1000.0 + i, True)
+                assert await until(lambda reads=reads: sim.memory.reads >= reads + 8)
+            assert await until(lambda: len(ing.events) >= n), (len(ing.events), c.health)
+            sim.faults.exception = None
+            assert sim.faults.exceptions_sent > 0
+            key = "fc3 exception 6 (SERVER DEVICE BUSY)"
+            assert await until(lambda: c.status()["exception_responses"].get(key)
+                               == sim.faults.exceptions_sent), c.status()
+            assert [e.fields["tracking_id"] for e in ing.events] == [f"T{i:07d}" for i in range(n)]
+            assert not [b for b in ing.bad if b[2] == "counter_gap"], ing.bad
+            assert states == [], states  # never degraded, never offline
+            assert c.health.state == "online" and c.health.restarts == 0
+
+
+async def test_a_device_refusing_every_read_is_degraded_not_offline_and_recovers():
+    """Only exception responses for a while: the device answers but gives no data, so it is
+    degraded (with the reason), never offline; it is online again at its next good read."""
+    async with CheckweigherSim() as sim:
+        c = checkweigher_connector(sim)
+        states: list[str] = []
+        async with supervised(c):
+            assert await until(lambda: c.health.state == "online")
+            c.health.on_change = states.append
+            sim.faults.exception = ExcCodes.ILLEGAL_ADDRESS
+            assert await until(lambda: c.health.state == "degraded")
+            assert "exception 2 (ILLEGAL DATA ADDRESS)" in (c.health.last_error or "")
+            requests = c.requests
+            assert await until(lambda: c.requests >= requests + 20)  # it keeps polling
+            sim.faults.exception = None
+            assert await until(lambda: c.health.state == "online")
+            assert states == ["degraded", "online"], states
+            assert c.health.restarts == 0

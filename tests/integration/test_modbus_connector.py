@@ -206,15 +206,19 @@ async def test_device_restart_reconnects_within_10_s():
 
 
 async def test_exception_responses_are_clear_errors_and_degrade_without_crashing():
+    """Only exception responses: degraded (an answer is not an outage: never offline, with
+    the default thresholds), counted, and online again at the next good read."""
     async with CheckweigherSim() as sim:
-        c = connector(sim, "acme_checkweigher_mb", "CW2", offline_after_failures=1000)
+        c = connector(sim, "acme_checkweigher_mb", "CW2")
         async with running(c):
             assert await until(lambda: c.health.state == "online")
             sim.faults.exception = ExcCodes.DEVICE_BUSY
-            assert await until(lambda: c.health.state == "degraded")
+            assert await until(lambda: c.health.state == "degraded", 15)
             assert "exception 6 (SERVER DEVICE BUSY)" in c.health.last_error
+            assert c.status()["exception_responses"]["fc3 exception 6 (SERVER DEVICE BUSY)"] >= 3
             sim.faults.exception = None
             assert await until(lambda: c.health.state == "online")
+            assert c.health.restarts == 0
 
 
 async def test_rtu_frames_over_tcp_for_serial_gateways():
