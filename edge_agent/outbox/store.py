@@ -8,9 +8,9 @@ Tables:
   events       one row per business event (seq, deterministic id, envelope body)
   deliveries   one row per (sink, event): 0 pending, 1 delivered, 2 dead (+ last error)
   rule_state   rules' open correlations and watermarks, by (rule, key)
-  inputs       ids of consumed device messages, appended in arrival order and pruned after
-               retention; only read at start (the engine's in-memory set is the dedup authority
-               at run time), so it has no index on the id: appending is cheap
+  inputs       ids of consumed device messages (keyed by id), pruned after the dedup
+               retention: the dedup record, consulted when the in-memory filter in front of
+               it (``SeenIds``) says "maybe" (see ``input_seen``)
   quarantine   malformed device payloads set aside for inspection
 """
 
@@ -20,7 +20,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ PENDING, DELIVERED, DEAD = 0, 1, 2
 _FULL_IOERRS = {"SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_TRUNCATE"}
 _LOW_FREE_BYTES = 1 << 20
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inputs keyed by msg_id
 
 
 class OutboxFull(StoreError):
@@ -64,6 +64,7 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open outbox {self.path}: {exc}") from exc
         self.conn = conn
+        self._reader: sqlite3.Connection | None = None  # for ``input_seen``
         self.db = sqlite_utils.Database(conn)
         self._durable()
         if check_integrity:
@@ -134,11 +135,26 @@ class Store:
                     "CREATE TABLE rule_state (rule TEXT NOT NULL, key TEXT NOT NULL, "
                     "value TEXT NOT NULL, PRIMARY KEY (rule, key)) WITHOUT ROWID"
                 )
+            if "inputs" in db.table_names() and "WITHOUT ROWID" not in (
+                db["inputs"].schema.upper()
+            ):  # schema 1: ids appended without a key, only read at start
+                db.execute("DROP INDEX IF EXISTS inputs_seen")
+                db.execute("ALTER TABLE inputs RENAME TO inputs_v1")
             if "inputs" not in db.table_names():
                 db.execute(
-                    "CREATE TABLE inputs (msg_id TEXT NOT NULL, seen REAL NOT NULL)"
+                    "CREATE TABLE inputs (msg_id TEXT PRIMARY KEY, seen REAL NOT NULL) "
+                    "WITHOUT ROWID"
                 )
                 db.execute("CREATE INDEX inputs_seen ON inputs(seen)")
+            if "inputs_v1" in db.table_names():
+                db.execute(
+                    "INSERT INTO inputs(msg_id, seen) SELECT msg_id, max(seen) FROM inputs_v1 "
+                    "GROUP BY msg_id"
+                )
+                db.execute("DROP TABLE inputs_v1")
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)]
+            )
             if "quarantine" not in db.table_names():
                 db["quarantine"].create(
                     {
@@ -154,6 +170,9 @@ class Store:
                 )
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         try:
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
@@ -203,8 +222,12 @@ class Store:
                     )
                 if b.state_deletes:
                     c.executemany("DELETE FROM rule_state WHERE rule = ? AND key = ?", b.state_deletes)
-                if b.inputs:
-                    c.executemany("INSERT INTO inputs(msg_id, seen) VALUES (?,?)", b.inputs)
+                if b.inputs:  # an id seen again after the retention is remembered anew
+                    c.executemany(
+                        "INSERT INTO inputs(msg_id, seen) VALUES (?,?) "
+                        "ON CONFLICT(msg_id) DO UPDATE SET seen = excluded.seen",
+                        b.inputs,
+                    )
                 if b.quarantine:
                     c.executemany(
                         "INSERT INTO quarantine(device, source, reason, detail, payload, received) "
@@ -264,10 +287,34 @@ class Store:
             out.setdefault(rule, {})[key] = value
         return out
 
-    def load_inputs(self, since: float) -> list[tuple[str, float]]:
+    def load_inputs(self, since: float) -> Iterator[tuple[str, float]]:
+        """The ids consumed since ``since``, in ``seen`` order, as a stream (at start only)."""
         return self.conn.execute(
             "SELECT msg_id, seen FROM inputs WHERE seen >= ? ORDER BY seen", (since,)
-        ).fetchall()
+        )
+
+    def input_seen(self, msg_id: str, since: float) -> bool:
+        """Was ``msg_id`` consumed (durably) at or after ``since``?
+
+        Called on the event loop, so on a connection of its own: a read in WAL mode waits
+        for no writer (a commit in flight on the database thread). A point look-up.
+        """
+        r = self._reader
+        if r is None:
+            try:
+                r = self._reader = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open outbox {self.path} to read: {exc}") from exc
+        try:
+            return bool(
+                r.execute(
+                    "SELECT 1 FROM inputs WHERE msg_id = ? AND seen >= ?", (msg_id, since)
+                ).fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox read failed: {exc}") from exc
 
     def prune(self, *, inputs_before: float, delivered_before: float) -> tuple[int, int]:
         """Forget old input ids and events every sink has settled. Returns (inputs, events)."""

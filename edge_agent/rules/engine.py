@@ -20,13 +20,13 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ..events import DeviceEvent, envelope
 from ..outbox.batch import Quarantined
 from ..outbox.committer import Committer
+from ..outbox.seen import SeenIds
 from ..runtime.clock import Clock
 from .base import Rule
 from .sources import Sources
@@ -57,7 +57,6 @@ class Engine:
         *,
         site: str,
         dedup_retention_secs: float = 900,
-        dedup_max_ids: int = 2_000_000,
         sources: Sources | None = None,
     ):
         self.rules = list(rules)
@@ -79,9 +78,10 @@ class Engine:
         self._last_tick = clock.monotonic()
         self._next_prune = 0.0
         self.paused = False  # ingest paused (outbox over quota): messages wait upstream
-        self.seen: OrderedDict[str, float] = OrderedDict()
+        # Consumed message ids, exact for the retention in bounded memory (the outbox's
+        # ``inputs`` table is the record; see SeenIds).
+        self.seen = SeenIds(committer.store.input_seen, dedup_retention_secs)
         self.dedup_retention = dedup_retention_secs
-        self.dedup_max = dedup_max_ids
         self.counters: dict[str, int] = {
             "device_events": 0,
             "duplicates": 0,
@@ -93,8 +93,11 @@ class Engine:
 
     # --- start -----------------------------------------------------------------------------
 
-    def restore(self, rule_state: dict[str, dict[str, str]], inputs: list[tuple[str, float]]) -> None:
-        """Load persisted rule state and consumed input ids (before any message arrives)."""
+    def restore(
+        self, rule_state: dict[str, dict[str, str]], inputs: Iterable[tuple[str, float]]
+    ) -> None:
+        """Load persisted rule state and consumed input ids (a stream, in ``seen`` order),
+        before any message arrives."""
         for rule in self.rules:
             items = rule_state.get(rule.name, {})
             rule.load_state({k: json.loads(v) for k, v in items.items()})
@@ -102,8 +105,7 @@ class Engine:
             if t:  # the rule's inputs had surely reached this (a quiet restart still expires)
                 for d in self.rule_devices[rule.name]:
                     self.sources.seed(d, t)
-        for msg_id, seen in inputs:
-            self.seen[msg_id] = seen
+        self.seen.restore(inputs)
 
     # --- Ingest ----------------------------------------------------------------------------
 
@@ -116,7 +118,7 @@ class Engine:
         if msg_id in self.seen:
             self.counters["duplicates"] += 1
             return
-        self.seen[msg_id] = ev.received_at
+        self.seen.add(msg_id, ev.received_at)
         batch.inputs.append((msg_id, ev.received_at))
         self.counters["device_events"] += 1
         targets = self.routes.get((ev.device, ev.event))
@@ -204,9 +206,9 @@ class Engine:
             del self.recent[:-50]
 
     def _prune_seen(self, now: float) -> None:
-        seen, horizon = self.seen, now - self.dedup_retention
-        while seen and (len(seen) > self.dedup_max or next(iter(seen.values())) < horizon):
-            seen.popitem(last=False)
+        # Ids are committed in the order they were added: the first ``committed_inputs``
+        # are durable, so the table can answer for them.
+        self.seen.prune(now, self.committer.committed_inputs)
         if now >= self._next_prune:
             self._next_prune = now + 60
             self.sources.prune(now - 86400)

@@ -89,8 +89,8 @@ def test_rule_state_and_inputs_survive_reopen(tmp_path):
     s.close()
     s = Store(tmp_path / "o.db")
     assert s.load_rule_state() == {"r1": {"T1": '{"t0":1.0}'}}
-    assert s.load_inputs(50.0) == [("SCN1/read/1", 100.0)]
-    assert s.load_inputs(150.0) == []
+    assert list(s.load_inputs(50.0)) == [("SCN1/read/1", 100.0)]
+    assert list(s.load_inputs(150.0)) == []
 
 
 def test_prune_keeps_undelivered_events(tmp_path):
