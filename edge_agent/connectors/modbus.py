@@ -150,6 +150,8 @@ class ModbusConnector:
         self.lock = asyncio.Lock()
         self.ingest: Ingest | None = None
         self._stopping = False
+        self._resumed = asyncio.Event()  # clear while paused (kept across reconnects)
+        self._resumed.set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -164,6 +166,21 @@ class ModbusConnector:
     async def stop(self) -> None:
         self._stopping = True
         self._close()
+
+    def pause_reading(self) -> None:
+        """Stop polling (the outbox is over its quota or the disk is full): what the device
+        holds stays on it (a handshake flag stays set, unacknowledged), and a poll already
+        on the wire is not turned into events. Acknowledges of events already committed are
+        still written. A counter device goes on counting meanwhile: only its latest
+        occurrence is still on the device at resume, the ones before are a counter gap."""
+        if self._resumed.is_set():
+            log.info("%s: polling paused", self.name)
+        self._resumed.clear()
+
+    def resume_reading(self) -> None:
+        if not self._resumed.is_set():
+            log.info("%s: polling resumed", self.name)
+        self._resumed.set()
 
     async def _connect(self) -> None:
         c = self.conn
@@ -194,6 +211,10 @@ class ModbusConnector:
         now = time.monotonic()
         due = {g: now for g in self.intervals}
         while not self._stopping:
+            if not self._resumed.is_set():
+                await self._resumed.wait()
+                now = time.monotonic()
+                due = dict.fromkeys(due, now)
             group = min(due, key=due.__getitem__)
             delay = due[group] - time.monotonic()
             if delay > 0:
@@ -211,6 +232,8 @@ class ModbusConnector:
                 await self._failed(exc)
                 continue
             self._succeeded(group)
+            if not self._resumed.is_set():
+                continue  # paused while this poll was on the wire: read it again at resume
             self.values.update(values)
             self.polls += 1
             self._watch(self.by_group.get(group, ()))
@@ -396,6 +419,7 @@ class ModbusConnector:
             "last_error": self.health.last_error, "restarts": self.health.restarts,
             "polls": self.polls, "requests": self.requests,
             "exception_responses": dict(self.exception_responses),
+            "paused": not self._resumed.is_set(),
             "counter_gaps": {w.name: w.watch.missed_total for w in self.watchers
                              if w.kind == "counter"},
         }

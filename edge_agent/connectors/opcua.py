@@ -109,7 +109,8 @@ CERTIFICATE_REFUSALS = frozenset({
     "BadNoValidCertificates",
 })
 MAX_PENDING = 10_000  # field notifications kept per event while its trigger is quiet
-MAX_READS = 10_000  # fired triggers waiting for their Read (fields_from: read)
+MAX_READS = 10_000
+MAX_HELD = 100  # publish responses held after pause_reading, before the server stops  # fired triggers waiting for their Read (fields_from: read)
 UNKNOWN = object()  # a field with no value since the subscription was made
 
 
@@ -214,12 +215,13 @@ class _Ordered(Subscription):
 
     async def publish_callback(self, publish_result: ua.PublishResult) -> None:
         self.last_publish_at = time.monotonic()
+        self._owner.publish_responses += 1
         msg = publish_result.NotificationMessage
         if not msg.NotificationData:
             return
         self.last_sequence_number = int(msg.SequenceNumber)
         try:
-            self._owner._publish(msg.NotificationData)
+            self._owner._publish_or_hold(msg.NotificationData)
         except Exception:  # a bug here must not kill the publish loop unseen
             log.exception("%s: failed to handle a publish response", self._owner.name)
 
@@ -255,6 +257,12 @@ class OpcuaConnector:
         self._stopping = False
         self._warned_blind_trust = False
         self._source_nodes: dict[str, Node] = {}
+        self.publish_responses = 0  # publish responses received (keep-alives included)
+        self._paused = False  # kept across reconnects
+        self._held: deque[list[Any]] = deque()  # responses that arrived after pause_reading
+        self._sub: Subscription | None = None
+        self._mode_lock = asyncio.Lock()
+        self._warned_held = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -287,6 +295,7 @@ class OpcuaConnector:
             nodes = await self._resolve(client)
             self._reads.clear()
             sub = await self._subscribe(client, nodes)
+            self._sub = sub
             # Covered from here on: every change after this is reported to us.
             self.health.set("online")
             log.info("%s online: %d signals, subscription %s", self.name, len(nodes), sub.subscription_id)
@@ -300,6 +309,7 @@ class OpcuaConnector:
             for t in tasks:
                 t.cancel()
             self.client = None
+            self._sub = None
             try:
                 await asyncio.wait_for(client.disconnect(), 2)
             except Exception:
@@ -389,6 +399,59 @@ class OpcuaConnector:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
+    # --- backpressure (see connectors/base.py) -------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Disable publishing on the subscription: the server keeps sampling and queues the
+        notifications in each monitored item's queue (``queue_size``, server-side and
+        bounded: a pause longer than a queue holds overflows it, and the loss shows as a
+        counter gap or an overflow). A response already on its way is held, unread."""
+        if self._paused:
+            return
+        self._paused = True
+        log.info("%s: reading paused (publishing disabled on the subscription)", self.name)
+        self._sync_publishing()
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        log.info("%s: reading resumed", self.name)
+        while self._held:  # what arrived before the server stopped publishing, in order
+            self._publish(self._held.popleft())
+        self._sync_publishing()
+
+    def _publish_or_hold(self, data: list[Any]) -> None:
+        if not self._paused:
+            self._publish(data)
+            return
+        if len(self._held) < MAX_HELD:
+            self._held.append(data)
+            return
+        # The server goes on publishing (it ignored or has not yet applied the mode): no
+        # unbounded buffer here; ingest rather than drop.
+        if not self._warned_held:
+            self._warned_held = True
+            log.warning("%s: the server keeps publishing while paused; ingesting anyway", self.name)
+        self._publish(data)
+
+    def _sync_publishing(self) -> None:
+        sub = self._sub
+        if sub is None:
+            return  # not subscribed: the next subscription is made in the right mode
+        task = asyncio.ensure_future(self._set_publishing(sub))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _set_publishing(self, sub: Subscription) -> None:
+        async with self._mode_lock:  # the last call wins: apply the mode wanted now
+            try:
+                await asyncio.wait_for(sub.set_publishing_mode(not self._paused),
+                                       self.conn.timeout_secs)
+            except (ua.UaError, OSError, TimeoutError) as exc:
+                # A lost connection makes a new subscription in the right mode.
+                log.warning("%s: could not set publishing %s: %r", self.name,
+                            "off" if self._paused else "on", exc)
+
     async def _on_lost(self, exc: Exception) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_exception(NotConnected(f"{self.name}: connection lost: {exc!r}"))
@@ -449,7 +512,7 @@ class OpcuaConnector:
         params.RequestedLifetimeCount = 10000
         params.RequestedMaxKeepAliveCount = client.get_keepalive_count(p.publishing_interval_ms)
         params.MaxNotificationsPerPublish = 0  # no limit: a response is never cut in two
-        params.PublishingEnabled = True
+        params.PublishingEnabled = not self._paused  # a pause holds across reconnects
         params.Priority = 0
         sub = _Ordered(client.uaclient.session, params, self)
         await sub.init()
@@ -526,6 +589,8 @@ class OpcuaConnector:
             client = self.client
             if client is None:
                 return
+            if self._paused:
+                continue
             try:
                 dvs = await client.read_attributes(node_list, ua.AttributeIds.Value)
             except (ua.UaError, OSError, TimeoutError) as exc:
@@ -750,4 +815,5 @@ class OpcuaConnector:
         return {"state": self.health.state, "since": self.health.since,
                 "last_error": self.health.last_error, "restarts": self.health.restarts,
                 "notifications": self.notifications, "counter_gaps": gaps,
-                "inconsistent_snapshots": {w.name: w.inconsistent for w in self.watchers}}
+                "inconsistent_snapshots": {w.name: w.inconsistent for w in self.watchers},
+                "paused": self._paused}

@@ -260,3 +260,35 @@ async def test_a_press_right_after_an_acknowledge_is_not_missed():
             assert await until(lambda: len(ing.events) == 10)
             assert await polled(c)
             assert [e.fields["qty_picked"] for e in ing.events] == list(range(1, 11))
+
+
+async def test_paused_reading_leaves_the_data_on_the_device_until_resumed():
+    """The outbox is full: no polls, nothing ingested, the press not acknowledged (it stays
+    on the device); at resume it arrives, once, and is acknowledged. A checkweigher's latest
+    weighing is still in its registers and arrives too."""
+    async with PickToLightSim() as ptl, CheckweigherSim() as cw, CheckweigherSim() as clock_sim:
+        c = connector(ptl, "acme_pick_to_light", "PTL1")
+        w = connector(cw, "acme_checkweigher_mb", "CW2")
+        clock = connector(clock_sim, "acme_checkweigher_mb", "CLOCK")  # never paused
+        async with running(c, w, clock) as ing:
+            assert await until(lambda: all(x.health.state == "online" for x in (c, w, clock)))
+            assert await polled(c) and await polled(w)
+            c.pause_reading()
+            w.pause_reading()
+            assert c.status()["paused"] and w.status()["paused"]
+            reads = ptl.memory.reads
+            assert ptl.confirm(3, 5)
+            await cw.weigh("T0000555", 555.0, True)
+            # An unpaused device polled 20 times meanwhile: the paused ones would have, too.
+            assert await polled(clock, 20)
+            assert ing.events == []
+            assert not ptl.acknowledged("confirm_3")  # still on the device
+            assert ptl.memory.reads <= reads + 1  # at most the poll that was on the wire
+            c.resume_reading()
+            w.resume_reading()
+            assert await until(lambda: len(ing.events) == 2)
+            assert {e.event for e in ing.events} == {"confirm_3", "weight"}
+            assert await until(lambda: ptl.acknowledged("confirm_3"))
+            assert next(e for e in ing.events if e.event == "weight").fields["tracking_id"] == "T0000555"
+            assert await polled(c)
+            assert len(ing.events) == 2 and ing.bad == []

@@ -284,3 +284,32 @@ async def test_a_server_certificate_other_than_the_trusted_file_is_refused(tmp_p
             assert await until(lambda: c.health.last_error is not None, 15)
             assert "refused the server certificate" in c.health.last_error
             assert "it is not the trusted" in c.health.last_error
+
+
+@pytest.mark.parametrize("form", ["events", "variables"])
+async def test_paused_reading_leaves_notifications_queued_on_the_server(form):
+    """The outbox is full: publishing is disabled on the subscription, nothing is ingested
+    while another client of the same server gets every divert, the notifications wait in
+    the server's queues (none held by us), and at resume every divert arrives, once, with
+    no gap."""
+    async with SorterSim(rate=0, travel_secs=0.2) as sim:
+        c = connector(sim, PROFILES[form]())
+        other = connector(sim, PROFILES[form]())  # never paused: the yardstick
+        async with running(c) as ing, running(other) as other_ing:
+            assert await until(lambda: c.health.state == other.health.state == "online")
+            await sim.induct("S0000001", "C0000001", lane=1)
+            assert await until(lambda: len(diverts(ing)) == len(diverts(other_ing)) == 1)
+            c.pause_reading()
+            assert c.status()["paused"]
+            for i in range(2, 7):
+                await sim.induct(f"S{i:07d}", f"C{i:07d}", lane=i)
+            # The unpaused client got them all, from the same server at the same interval.
+            assert await until(lambda: len(diverts(other_ing)) == 6)
+            assert len(diverts(ing)) == 1
+            assert len(c._held) == 0  # queued on the server, not here
+            c.resume_reading()
+            assert await until(lambda: len(diverts(ing)) == 6), len(diverts(ing))
+            assert [e.fields["tracking_id"] for e in diverts(ing)] == [
+                f"S{i:07d}" for i in range(1, 7)]
+            assert not [b for b in ing.bad if b[1].startswith("divert")], ing.bad
+            assert not c.status()["paused"]
