@@ -27,7 +27,6 @@ from .config import (
     SiteConfig,
 )
 from .connectors.mqtt import MqttConnector
-from .errors import RetriableError, StoreError
 from .events import iso_time
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
@@ -49,6 +48,15 @@ if TYPE_CHECKING:  # imported when a site has such devices: asyncua alone is ~40
 log = logging.getLogger(__name__)
 
 MAINTENANCE_SECS = 30.0
+DRAIN_SECS = 5.0  # how long SIGTERM lets the dispatchers deliver what is pending
+# Every shutdown step but the drain has a timeout (SHUTDOWN_STEP_SECS, 12 s together): SIGTERM
+# ends the process within drain + SHUTDOWN_MARGIN_SECS whatever a device, a peer or a library
+# does (the command line enforces it); systemd's TimeoutStopSec is 30 s.
+SHUTDOWN_MARGIN_SECS = 15.0
+SHUTDOWN_STEP_SECS = {
+    "last commit": 2.0, "connectors stop": 2.0, "connectors end": 1.0, "dispatchers end": 2.0,
+    "outbox close": 2.0, "tasks end": 1.0, "sinks close": 2.0,
+}
 
 
 class Agent:
@@ -217,8 +225,12 @@ class Agent:
         self.tasks.append(t)
         return t
 
-    async def run(self) -> None:
-        """Run until ``stop()``; then shut down in order. Raises if a component crashed."""
+    async def run(self) -> bool:
+        """Run until ``stop()``; then shut down in order, every step bounded.
+
+        Returns whether the shutdown was clean (every step finished in its time); raises if
+        a component crashed.
+        """
         self._build()
         assert self.committer and self.engine and self.store
         commit_task = asyncio.create_task(self.committer.run(), name="committer")
@@ -248,57 +260,65 @@ class Agent:
         done, _ = await asyncio.wait([stop_wait, *watched], return_when=asyncio.FIRST_COMPLETED)
         crashed = [t for t in done if t is not stop_wait and not t.cancelled() and t.exception()]
         stop_wait.cancel()
-        await self._shutdown(commit_task, dispatch_tasks, conn_tasks)
+        self._stop.set()  # also after a crash: `stopping()` waiters learn the shutdown began
+        clean = await self._shutdown(commit_task, dispatch_tasks, conn_tasks)
         if crashed:
             raise crashed[0].exception()  # type: ignore[misc]
+        return clean
 
     def stop(self) -> None:
+        """Begin the shutdown (idempotent; safe from a signal handler on the loop)."""
         self._stop.set()
+
+    async def stopping(self) -> None:
+        """Return once the shutdown has begun (``stop()`` or a crashed component)."""
+        await self._stop.wait()
 
     async def _shutdown(
         self, commit_task: asyncio.Task[Any], dispatch_tasks: list[asyncio.Task[Any]],
         conn_tasks: list[asyncio.Task[Any]],
-    ) -> None:
+    ) -> bool:
+        """Stop upstream first; every step has a timeout. Returns whether all finished.
+
+        What a step abandons is never lost: device messages not yet committed stay
+        unacknowledged (the broker redelivers them, devices keep theirs until acknowledged),
+        deliveries not yet settled stay pending in the outbox and go out after a restart.
+        """
         assert self.committer and self.store
+        problems: list[str] = []
+        step = functools.partial(_step, problems)
         log.info("stopping: connectors first")
         for c in self.connectors:
             if isinstance(c, MqttConnector) and c.link is not None:
                 c.link.pause_reading()
         # Commit and acknowledge what was read, while the links are still up.
         if not commit_task.done():
-            try:
-                await asyncio.wait_for(self.committer.flush(), 10)
-            except (TimeoutError, StoreError) as exc:
-                # Not acknowledged: the broker redelivers these messages after a restart.
-                log.error("last commit at shutdown failed: %r", exc)
-        for c in self.connectors:
-            await c.stop()
-        await _cancel(conn_tasks)
+            await step("last commit", self.committer.flush())
+        await step("connectors stop", asyncio.gather(*(c.stop() for c in self.connectors)))
+        await step("connectors end", _cancel(conn_tasks))
         # Bounded drain: give the dispatchers a moment to deliver what is pending.
         deadline = time.monotonic() + self.drain_secs
         while time.monotonic() < deadline and any(d.state == "sending" or d.held for d in self.dispatchers):
             await asyncio.sleep(0.05)
         for d in self.dispatchers:
             d.stop()
-        await asyncio.wait(dispatch_tasks, timeout=5)
-        await _cancel(dispatch_tasks)
+        await step("dispatchers end", _ended(dispatch_tasks))
         self.committer.close()
-        try:
-            await asyncio.wait_for(commit_task, 10)
-        except (TimeoutError, StoreError) as exc:
-            log.error("outbox did not commit its last batch at shutdown: %r", exc)
-        await _cancel([commit_task])
+        outbox_ok = await step("outbox close", _ended([commit_task]))
         if self.status_file:
             self._write_status()
-        await _cancel(self.tasks)
-        for sink in self.sinks.values():
-            try:
-                await asyncio.wait_for(sink.close(), 5)
-            except (TimeoutError, OSError, RetriableError) as exc:
-                log.warning("sink %s did not close cleanly: %r", sink.name, exc)
-        self.committer.shutdown_executor()
-        self.store.close()
-        log.info("stopped")
+        await step("tasks end", _cancel(self.tasks))
+        await step("sinks close", asyncio.gather(*(s.close() for s in self.sinks.values())))
+        if outbox_ok:
+            self.committer.shutdown_executor()
+            self.store.close()
+        # else the database thread may still hold the store: the process exits without
+        # closing it (SQLite's WAL keeps every committed transaction).
+        if problems:
+            log.warning("stopped, not cleanly: %s", "; ".join(problems))
+            return False
+        log.info("stopped cleanly")
+        return True
 
     async def _maintenance(self) -> None:
         assert self.committer and self.store
@@ -423,13 +443,48 @@ def _health(h: Health) -> dict[str, Any]:
     return {"state": h.state, "since": h.since, "last_error": h.last_error, "restarts": h.restarts}
 
 
+async def _step(problems: list[str], what: str, aw: Awaitable[Any]) -> bool:
+    """One shutdown step, for at most its ``SHUTDOWN_STEP_SECS``; False (and noted in
+    ``problems``) when it failed or overran. An overrunning step is cancelled and left
+    behind, never awaited: a library that ignores cancellation cannot hold up the exit."""
+    secs = SHUTDOWN_STEP_SECS[what]
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=secs)
+    if not done:
+        task.cancel()
+        problems.append(f"{what}: not done within {secs:g} s")
+    elif task.cancelled():
+        problems.append(f"{what}: cancelled")
+    elif (exc := task.exception()) is not None:
+        problems.append(f"{what}: {exc!r}")
+    else:
+        return True
+    log.warning("shutdown step %s", problems[-1])
+    return False
+
+
+async def _ended(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for tasks asked to stop; cancel them if the step's time runs out."""
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        await _cancel(tasks)
+
+
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks until they end, logging any that had failed.
+
+    Cancels again while it waits: a cancellation can be swallowed (``asyncio.wait_for`` of
+    Python 3.11 returns its inner result, or raises its error, when both arrive together),
+    and a supervised connector then goes on reconnecting; every later cancel ends it. The
+    caller bounds the wait (``_step``).
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
     for t in tasks:
-        t.cancel()
-    for t in tasks:
-        try:
-            await t
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # a task that had failed: say so, shutdown goes on
-            log.exception("task %s failed", t.get_name())
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            # A task that had failed: say so, shutdown goes on.
+            log.error("task %s failed", t.get_name(), exc_info=exc)

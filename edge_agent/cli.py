@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,32 +47,116 @@ def main() -> None:
     """edge-agent: warehouse machine signals in, durable business events out."""
 
 
+# Exit codes of `edge-agent run`: 0 stopped cleanly, 1 a component crashed (after a bounded
+# shutdown), 2 bad configuration, 3 the outbox failed, 4 stopped but not cleanly (a shutdown
+# step overran, a second signal, or the shutdown deadline). Nothing unacknowledged is lost
+# in any of them: the broker and the devices redeliver it, the outbox keeps what is pending.
+EXIT_NOT_CLEAN = 4
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _StopGuard:
+    """SIGTERM and SIGINT, received on a thread of their own (``sigwait``), so that they
+    work even when the event loop is stuck. The first stops the agent (it drains); a second
+    exits at once. Once the shutdown has begun (a signal or a crashed component) the process
+    exits by ``deadline_secs`` whatever holds it up, so systemd sees it gone and restarts it.
+
+    The signals are blocked in every thread (``block``, before any thread starts: threads
+    inherit the mask), which is what lets one thread take them all.
+    """
+
+    def __init__(self, stop: Any, deadline_secs: float):
+        self._stop = stop
+        self._deadline_secs = deadline_secs
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    @staticmethod
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        threading.Thread(target=self._wait_signals, name="stop-signals", daemon=True).start()
+
+    def arm(self) -> None:
+        """The shutdown began: exit by the deadline (once; later calls do nothing)."""
+        with self._armed:
+            if self._timer is None:
+                self._timer = threading.Timer(self._deadline_secs, self._expired)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _wait_signals(self) -> None:
+        first = True
+        while True:
+            sig = signal.Signals(signal.sigwait(STOP_SIGNALS))
+            if first:
+                first = False
+                logging.getLogger("edge_agent").info(
+                    "%s: stopping (exit within %.0f s; a second signal exits at once)",
+                    sig.name, self._deadline_secs)
+                self.arm()
+                assert self._loop is not None
+                try:
+                    self._loop.call_soon_threadsafe(self._stop)
+                except RuntimeError:  # the loop has closed: we are exiting anyway
+                    pass
+            else:
+                _exit_now(f"second signal ({sig.name}): exiting at once")
+
+    def _expired(self) -> None:
+        _exit_now(f"shutdown did not finish within {self._deadline_secs:.0f} s: exiting now")
+
+
+def _exit_now(why: str) -> None:
+    log = logging.getLogger("edge_agent")
+    log.warning("%s; stopped, not cleanly (nothing unacknowledged is lost: it is redelivered)",
+                why)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os._exit(EXIT_NOT_CLEAN)
+
+
 @main.command()
 @click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Site file.")
 @click.option("--status-file", type=click.Path(dir_okay=False), help="Write live status JSON here.")
 @click.option("--log-level", default=None, help="Override the config's log level.")
 def run(config: str, status_file: str | None, log_level: str | None) -> None:
-    """Run the agent (the service). SIGTERM drains and exits cleanly."""
-    from .agent import Agent
+    """Run the agent (the service).
 
+    SIGTERM or SIGINT drains and exits within the drain time plus 15 s; a second one exits
+    at once. Exit code 0: stopped cleanly; 1: a component crashed; 3: the outbox failed;
+    4: stopped, but not cleanly (nothing unacknowledged is lost: it is redelivered).
+    """
+    from .agent import SHUTDOWN_MARGIN_SECS, Agent
+
+    _StopGuard.block()
     site, profiles = _load(config)
     _setup_logging(log_level or site.log.level)
     agent = Agent(
         site, profiles, base_dir=Path(config).resolve().parent,
         status_file=Path(status_file) if status_file else None,
     )
+    # A little under the promised bound, so the process is gone by then.
+    guard = _StopGuard(agent.stop, agent.drain_secs + SHUTDOWN_MARGIN_SECS - 1)
 
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stop)
-        await agent.run()
+    async def go() -> bool:
+        guard.start(asyncio.get_running_loop())
+        running = asyncio.create_task(agent.run(), name="agent")
+        stopping = asyncio.create_task(agent.stopping(), name="stopping")
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        guard.arm()  # from here on, the process ends by the deadline
+        stopping.cancel()
+        return await running
 
     try:
-        asyncio.run(go())
+        clean = asyncio.run(go())
     except StoreError as exc:
         logging.getLogger("edge_agent").error("%s", exc)
         sys.exit(3)
+    sys.exit(0 if clean else EXIT_NOT_CLEAN)
 
 
 @main.command()
