@@ -27,10 +27,11 @@ from .config import (
     SiteConfig,
 )
 from .connectors.mqtt import MqttConnector
+from .errors import StoreError
 from .events import iso_time
 from .outbox.committer import Committer
 from .outbox.dispatcher import Dispatcher
-from .outbox.store import Store
+from .outbox.store import OutboxFull, Store
 from .profiles import AnyProfile
 from .rules import build_rule
 from .rules.engine import Engine
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # imported when a site has such devices: asyncua alone is ~40
 log = logging.getLogger(__name__)
 
 MAINTENANCE_SECS = 30.0
+CROWDED_SECS = 1.0  # shortest pause between maintenance rounds while the outbox is crowded
 DRAIN_SECS = 5.0  # how long SIGTERM lets the dispatchers deliver what is pending
 # Every shutdown step but the drain has a timeout (SHUTDOWN_STEP_SECS, 12 s together): SIGTERM
 # ends the process within drain + SHUTDOWN_MARGIN_SECS whatever a device, a peer or a library
@@ -87,6 +89,7 @@ class Agent:
         self.tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
         self.ingest_paused = False
+        self.pause_causes: dict[str, dict[str, Any]] = {}  # "quota" | "disk_full" -> since, detail
         self._stop = asyncio.Event()
 
     # --- building --------------------------------------------------------------------------
@@ -321,36 +324,71 @@ class Agent:
         return True
 
     async def _maintenance(self) -> None:
-        assert self.committer and self.store
+        """Keep the outbox within its quota: prune, give space back, checkpoint the WAL.
+
+        Every MAINTENANCE_SECS, and at once (then at most every CROWDED_SECS) when a commit
+        finds the outbox crowded (near its quota), when delivered events are pruned whatever
+        their retention. The quota itself is checked by the committer at every commit.
+        """
+        c, store = self.committer, self.store
+        assert c and store
         ob = self.site.outbox
-        quota = ob.max_disk_mb * 1024 * 1024
+        await c.run_db(store.set_limits, ob.max_disk_mb * 2**20)
+        c.quota_bytes = ob.max_disk_mb * 2**20
+        c.on_pressure = self._on_pressure
+        c.check_quota()
+        failing = ""
         while True:
-            await asyncio.sleep(MAINTENANCE_SECS)
+            try:
+                await asyncio.wait_for(c.crowded.wait(), MAINTENANCE_SECS)
+            except TimeoutError:
+                pass
+            crowded = c.crowded.is_set() or c.over_quota
+            c.crowded.clear()
             now = self.clock.now()
-            await self.committer.run_db(
-                functools.partial(
-                    self.store.prune,
-                    inputs_before=now - ob.dedup_retention_secs,
-                    delivered_before=now - ob.delivered_retention_secs,
-                )
+            step = functools.partial(
+                store.prune_step,
+                inputs_before=now - ob.dedup_retention_secs,
+                delivered_before=now if crowded else now - ob.delivered_retention_secs,
             )
-            size = self.store.size_bytes()
-            over = size > quota
-            if over != self.ingest_paused:
-                self.ingest_paused = over
-                assert self.engine is not None
-                self.engine.paused = over
-                for c in self.connectors:
-                    if isinstance(c, MqttConnector) and c.link is not None:
-                        (c.link.pause_reading if over else c.link.resume_reading)()
-                if over:
-                    log.error(
-                        "outbox %s is over its quota (%d MB > %d MB): ingest paused; devices' "
-                        "messages wait on the broker until sinks catch up",
-                        self.db_path, size // 2**20, ob.max_disk_mb,
-                    )
-                else:
-                    log.warning("outbox back under quota: ingest resumed")
+            try:
+                while await c.run_db(step):
+                    pass
+                await c.run_db(store.compact)
+                failing = ""
+            except StoreError as exc:  # a full disk is the committer's to report
+                if str(exc) != failing and not isinstance(exc, OutboxFull):
+                    log.error("outbox maintenance failed (retried): %s", exc)
+                failing = str(exc)
+            c.check_quota()
+            if crowded:
+                await asyncio.sleep(CROWDED_SECS)
+
+    def _on_pressure(self, kind: str, detail: str | None) -> None:
+        """The outbox asks ingest to pause (``detail``: why) or allows it again (None).
+
+        Every connector stops reading (devices' messages stay unacknowledged, upstream)
+        while any cause remains; business events already made are kept and delivered.
+        """
+        if detail is not None:
+            self.pause_causes[kind] = {"since": time.time(), "detail": detail}
+            if kind != "disk_full":  # the committer has said that one itself
+                log.error(
+                    "%s: ingest paused; devices' messages wait upstream until sinks catch up",
+                    detail,
+                )
+        elif self.pause_causes.pop(kind, None) is not None and kind != "disk_full":
+            log.warning("outbox back under its quota")
+        paused = bool(self.pause_causes)
+        if paused == self.ingest_paused:
+            return
+        self.ingest_paused = paused
+        if self.engine is not None:
+            self.engine.paused = paused
+        for conn in self.connectors:
+            (conn.pause_reading if paused else conn.resume_reading)()
+        if not paused:
+            log.warning("ingest resumed")
 
     # --- status ----------------------------------------------------------------------------
 
@@ -408,10 +446,17 @@ class Agent:
                 ),
                 "recent": self.engine.recent[-20:],
             },
+            "ingest_pause": self.pause_causes,
             "outbox": {
                 "commits": self.committer.commits,
                 "committed_events": self.committer.committed_events,
                 "last_commit_ms": round(self.committer.last_commit_ms, 3),
+                # as of the last commit or maintenance (no stat per status)
+                "used_bytes": self.store.used_bytes if self.store else 0,
+                "file_bytes": self.store.file_bytes if self.store else 0,
+                "wal_bytes": self.store.wal_bytes if self.store else 0,
+                "quota_bytes": self.committer.quota_bytes,
+                "disk_full_since": self.committer.full_since,
             },
             "sinks": {
                 d.name: {

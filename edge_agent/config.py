@@ -372,7 +372,10 @@ SinkConfig = Annotated[HttpSinkConfig | MqttSinkConfig, Field(discriminator="kin
 class OutboxConfig(Model):
     path: Path = Field(Path("edge-agent.db"), description="SQLite file (relative to the config).")
     max_disk_mb: int = Field(
-        2048, ge=16, description="Disk quota; business events are never dropped, ingest pauses."
+        2048, ge=16,
+        description="Disk quota of the outbox (its pages in use and its WAL), checked at every "
+        "commit: over it ingest pauses (business events already made are kept, devices' "
+        "messages wait upstream) and resumes under 90% of it.",
     )
     commit_interval_ms: float = Field(
         10.0, ge=0, le=1000, description="Longest an event waits to join a group commit."
@@ -382,7 +385,9 @@ class OutboxConfig(Model):
         900, ge=10, description="How long consumed device message ids are remembered."
     )
     delivered_retention_secs: int = Field(
-        24 * 3600, ge=0, description="How long delivered events are kept before purge."
+        3600, ge=0,
+        description="How long events every sink has delivered are kept (for operators) before "
+        "they are pruned; less when the outbox nears its quota.",
     )
 
 

@@ -33,6 +33,8 @@ T = TypeVar("T")
 FEED_MAX_ITEMS = 10_000  # per sink; beyond it the dispatcher reads the outbox instead
 FULL_RETRY_FIRST_SECS = 0.2  # a commit that found the disk full is retried after this,
 FULL_RETRY_MAX_SECS = 5.0  # doubling up to this
+CROWDED_FRACTION = 0.8  # of the quota: maintenance prunes delivered events now, retention or not
+RESUME_FRACTION = 0.9  # of the quota: ingest paused by the quota resumes under this
 
 
 class Feed:
@@ -95,6 +97,11 @@ class Committer:
         self.on_pressure: Callable[[str, str | None], None] | None = None
         self.full_since: float | None = None  # wall time the disk was first found full
         self.full_retries = 0
+        # Disk quota (bytes; 0: none), checked after every commit from the sizes the store
+        # reads then: ingest pauses once over it and resumes under RESUME_FRACTION of it.
+        self.quota_bytes = 0
+        self.over_quota = False
+        self.crowded = asyncio.Event()  # over CROWDED_FRACTION of the quota: prune now
 
     def listen(self) -> asyncio.Event:
         """An event set after every commit that added business events (for a dispatcher)."""
@@ -159,6 +166,8 @@ class Committer:
         finally:
             self.flushing = False
         self.last_commit_ms = (time.perf_counter() - t0) * 1000
+        if self.quota_bytes:
+            self.check_quota()
         self.commits += 1
         self.committed_events += len(b.events)
         self.committed_inputs += len(b.inputs)
@@ -196,6 +205,23 @@ class Committer:
             self.full_since = None
             self._pressure("disk_full", None)
         return all_new
+
+    def check_quota(self) -> None:
+        """Pause or resume ingest for the quota, from the store's last measured size."""
+        q = self.quota_bytes
+        used = self.store.used_bytes
+        if used > q * CROWDED_FRACTION:
+            self.crowded.set()
+        if not self.over_quota and used > q:
+            self.over_quota = True
+            self._pressure(
+                "quota",
+                f"outbox {self.store.path} holds {used / 2**20:.1f} MB, over its quota of "
+                f"{q / 2**20:.0f} MB",
+            )
+        elif self.over_quota and used <= q * RESUME_FRACTION:
+            self.over_quota = False
+            self._pressure("quota", None)
 
     def _pressure(self, kind: str, detail: str | None) -> None:
         if self.on_pressure is not None:

@@ -16,6 +16,7 @@ Tables:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -30,7 +31,12 @@ import sqlite_utils
 from ..errors import StoreError
 from .batch import SealedBatch
 
+log = logging.getLogger(__name__)
+
 PENDING, DELIVERED, DEAD = 0, 1, 2
+VACUUM_CONVERT_MAX_BYTES = 256 * 2**20  # an older outbox up to this is converted at open
+PRUNE_CHUNK = 2000  # rows per pruning transaction (commits go on between them)
+VACUUM_CHUNK_PAGES = 4096  # pages given back per incremental vacuum step
 # What SQLite says when a write finds no room: SQLITE_FULL (ENOSPC on a write, or
 # max_page_count reached); growing the shared-memory index or the WAL can fail as an I/O
 # error instead, which we take for the same only when the filesystem is indeed out of space.
@@ -65,6 +71,12 @@ class Store:
             raise StoreError(f"cannot open outbox {self.path}: {exc}") from exc
         self.conn = conn
         self._reader: sqlite3.Connection | None = None  # for ``input_seen``
+        # Sizes as of the last commit or ``compact`` (read from SQLite's header and one stat
+        # of the WAL: cheap enough for every commit, never per event).
+        self.used_bytes = 0  # pages in use + WAL: what the quota counts
+        self.file_bytes = 0  # the database file
+        self.wal_bytes = 0
+        self._prune_from = 0  # events below this seq were examined by ``prune_step``
         self.db = sqlite_utils.Database(conn)
         self._durable()
         if check_integrity:
@@ -72,12 +84,18 @@ class Store:
             if ok != "ok":
                 raise StoreError(f"outbox {self.path} failed integrity_check: {ok}")
         self._schema()
+        self.measure()
 
     # --- opening ---------------------------------------------------------------------------
 
     def _durable(self) -> None:
         c = self.conn
         try:
+            # Freed pages go back to the filesystem (``compact``): set before the first
+            # table exists; an older outbox is converted by a VACUUM when small enough.
+            fresh = c.execute("PRAGMA page_count").fetchone()[0] == 0
+            if fresh:
+                c.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             c.execute("PRAGMA synchronous=FULL")
             sync = c.execute("PRAGMA synchronous").fetchone()[0]
@@ -93,6 +111,21 @@ class Store:
                 f"outbox {self.path} is not durable: journal_mode={mode}, synchronous={sync} "
                 "(need wal and 2=FULL)"
             )
+        self.page_size = c.execute("PRAGMA page_size").fetchone()[0]
+        if c.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            size = c.execute("PRAGMA page_count").fetchone()[0] * self.page_size
+            if size <= VACUUM_CONVERT_MAX_BYTES:
+                try:
+                    c.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    c.execute("VACUUM")
+                except sqlite3.Error as exc:
+                    log.warning("outbox %s not converted to incremental vacuum: %s", self.path, exc)
+            else:
+                log.warning(
+                    "outbox %s (%d MB) predates incremental vacuum: pruned space is reused but "
+                    "the file does not shrink (a VACUUM while the agent is stopped converts it)",
+                    self.path, size // 2**20,
+                )
 
     def _schema(self) -> None:
         db = self.db
@@ -169,6 +202,30 @@ class Store:
                     pk="id",
                 )
 
+    def set_limits(self, quota_bytes: int) -> None:
+        """Bound the outbox for a disk quota: the WAL is checkpointed and cut back to a
+        sixteenth of it (at most 16 MB), and the file cannot grow past the quota plus an
+        eighth (a hard stop, met as ``OutboxFull``, should the soft pause come too late)."""
+        ps = self.page_size
+        wal_pages = max(100, min(4000, quota_bytes // 16 // ps))
+        c = self.conn
+        c.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+        c.execute(f"PRAGMA journal_size_limit={wal_pages * ps}")
+        c.execute(f"PRAGMA max_page_count={(quota_bytes + quota_bytes // 8) // ps}")
+
+    def measure(self) -> int:
+        """Refresh and return ``used_bytes``."""
+        c = self.conn
+        pages = c.execute("PRAGMA page_count").fetchone()[0]
+        free = c.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            self.wal_bytes = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            self.wal_bytes = 0
+        self.file_bytes = pages * self.page_size
+        self.used_bytes = (pages - free) * self.page_size + self.wal_bytes
+        return self.used_bytes
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
@@ -244,6 +301,7 @@ class Store:
             except BaseException:
                 self._rollback()
                 raise
+            self.measure()
         except sqlite3.Error as exc:
             raise self._error("commit", exc) from exc
         return all_new
@@ -316,28 +374,83 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"outbox read failed: {exc}") from exc
 
-    def prune(self, *, inputs_before: float, delivered_before: float) -> tuple[int, int]:
-        """Forget old input ids and events every sink has settled. Returns (inputs, events)."""
+    def prune_step(self, *, inputs_before: float, delivered_before: float) -> int:
+        """Forget, in one short transaction, up to ``PRUNE_CHUNK`` input ids seen before
+        ``inputs_before`` and events created before ``delivered_before`` that every sink
+        has delivered (dead-lettered ones stay for an operator). Returns rows removed; call
+        again until 0 (on the database thread: commits go on between the steps)."""
         c = self.conn
-        c.execute("BEGIN IMMEDIATE")
         try:
-            n_in = c.execute("DELETE FROM inputs WHERE seen < ?", (inputs_before,)).rowcount
-            old = (
-                "SELECT e.seq FROM events e WHERE e.created < ? AND NOT EXISTS "
-                "(SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.state != 1)"
-            )
-            c.execute(f"DELETE FROM deliveries WHERE seq IN ({old})", (delivered_before,))
-            n_ev = c.execute(
-                "DELETE FROM events WHERE created < ? AND seq NOT IN (SELECT seq FROM deliveries)",
-                (delivered_before,),
-            ).rowcount
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        return n_in, n_ev
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                n = c.execute(
+                    "DELETE FROM inputs WHERE msg_id IN (SELECT msg_id FROM inputs "
+                    "WHERE seen < ? ORDER BY seen LIMIT ?)",
+                    (inputs_before, PRUNE_CHUNK),
+                ).rowcount
+                n += self._prune_events(delivered_before)
+                c.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise self._error("prune", exc) from exc
+        return n
+
+    def _prune_events(self, before: float) -> int:
+        c = self.conn
+        # Sinks deliver in seq order: below the first seq still pending anywhere, every
+        # delivery is settled (delivered or dead).
+        low = min(
+            [c.execute("SELECT coalesce(min(seq), 1 << 62) FROM deliveries WHERE sink = ? "
+                       "AND state = 0", (sink,)).fetchone()[0]
+             for (sink,) in c.execute("SELECT DISTINCT sink FROM deliveries").fetchall()]
+            or [1 << 62]
+        )
+        lo = self._prune_from
+        hi = None
+        for seq, created in c.execute(
+            "SELECT seq, created FROM events WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT ?",
+            (lo, low, PRUNE_CHUNK),
+        ).fetchall():
+            if created >= before:  # events are created in seq order: the rest are newer
+                break
+            hi = seq
+        if hi is None:
+            return 0
+        c.execute(
+            "DELETE FROM deliveries WHERE seq BETWEEN ?1 AND ?2 AND seq NOT IN "
+            "(SELECT seq FROM deliveries WHERE seq BETWEEN ?1 AND ?2 AND state != 1)",
+            (lo, hi),
+        )
+        n = c.execute(
+            "DELETE FROM events WHERE seq BETWEEN ?1 AND ?2 AND seq NOT IN "
+            "(SELECT seq FROM deliveries WHERE seq BETWEEN ?1 AND ?2)",
+            (lo, hi),
+        ).rowcount
+        self._prune_from = hi + 1
+        return max(n, 1)  # a chunk of dead letters only is progress too
+
+    def prune(self, *, inputs_before: float, delivered_before: float) -> int:
+        """Every ``prune_step`` at once (the CLI, tests). Returns rows removed."""
+        n = 0
+        while k := self.prune_step(inputs_before=inputs_before, delivered_before=delivered_before):
+            n += k
+        return n
+
+    def compact(self) -> None:
+        """Give freed pages back to the filesystem and checkpoint the WAL, truncating it."""
+        c = self.conn
+        try:
+            while c.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+                c.execute(f"PRAGMA incremental_vacuum({VACUUM_CHUNK_PAGES})").fetchall()
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self.measure()
+        except sqlite3.Error as exc:
+            raise self._error("compact", exc) from exc
 
     def size_bytes(self) -> int:
+        """The database file and its WAL as they are on disk now."""
         total = 0
         for suffix in ("", "-wal"):
             try:
@@ -407,6 +520,7 @@ class Store:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             n = self.conn.execute(sql, args).rowcount
+        self._prune_from = 0  # those events are owed again: look at them when delivered
         return n
 
     def quarantined(self, limit: int = 50) -> list[dict[str, Any]]:
