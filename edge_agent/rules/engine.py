@@ -38,6 +38,10 @@ QUARANTINE_MAX_BYTES = 65_536  # what is kept of a bad payload
 STALL_SECS = 1.0  # a tick this late, or a commit this long, means the agent is behind
 
 
+def _never_stored(msg_id: str, since: float) -> bool:
+    return False
+
+
 class Ingest(Protocol):
     """What a connector hands its decoded messages to."""
 
@@ -80,7 +84,12 @@ class Engine:
         self.paused = False  # ingest paused (outbox over quota): messages wait upstream
         # Consumed message ids, exact for the retention in bounded memory (the outbox's
         # ``inputs`` table is the record; see SeenIds).
-        self.seen = SeenIds(committer.store.input_seen, dedup_retention_secs)
+        # (A stand-in committer without an outbox, as in RuleHarness, commits nothing: every
+        # id then stays in memory.)
+        store = getattr(committer, "store", None)
+        self.seen = SeenIds(
+            store.input_seen if store is not None else _never_stored, dedup_retention_secs
+        )
         self.dedup_retention = dedup_retention_secs
         self.counters: dict[str, int] = {
             "device_events": 0,
@@ -208,7 +217,7 @@ class Engine:
     def _prune_seen(self, now: float) -> None:
         # Ids are committed in the order they were added: the first ``committed_inputs``
         # are durable, so the table can answer for them.
-        self.seen.prune(now, self.committer.committed_inputs)
+        self.seen.prune(now, getattr(self.committer, "committed_inputs", 0))
         if now >= self._next_prune:
             self._next_prune = now + 60
             self.sources.prune(now - 86400)
