@@ -5,13 +5,21 @@ session expiry), QoS 1 with *manual* acknowledgement: a message is acked only af
 effects are in a durable group commit, so the broker redelivers whatever the agent had not
 committed when it crashed. Malformed payloads are handed to ``ingest.bad_payload`` (set
 aside, then acked), never raised.
+
+Every failure of the connection raises ``NotConnected`` (a ``RetriableError``): the
+supervisor reconnects this connector alone. At most ``receive_maximum`` messages are held
+unacknowledged (the link stops reading when its window is full), and ``pause_reading()``
+(ingest paused: outbox over quota, disk full) holds across reconnects until
+``resume_reading()``: the devices' messages wait at the broker.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as paho
 
@@ -67,12 +75,38 @@ class MqttConnector:
         self.buffered = {d: devices[d].connection.qos > 0 for d in devices}  # type: ignore[union-attr]
         self._internal_errors = 0
         self.stopping = False
+        self.paused = False  # ingest paused by the agent; holds across reconnects
+
+    def pause_reading(self) -> None:
+        """Read no more device messages until ``resume_reading()`` (also after a reconnect)."""
+        self.paused = True
+        if self.link is not None:
+            self.link.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        if self.link is not None:
+            self.link.resume_reading()
+
+    def status(self) -> dict[str, Any]:
+        link = self.link
+        return {
+            "state": self.health.state,
+            "since": self.health.since,
+            "last_error": self.health.last_error,
+            "restarts": self.health.restarts,
+            "received": self.received,
+            "paused": self.paused,
+            "unacked": len(link.unacked) if link is not None else 0,
+        }
 
     async def run(self, ingest: Ingest) -> None:
         self.ingest = ingest
         link = MqttLink(
             self.broker, self.client_id, persistent=True, on_message=self._on_message, manual_ack=True
         )
+        if self.paused:
+            link.pause_reading()  # from CONNACK on: a resumed session's backlog stays unread
         self.link = link
         try:
             await link.connect()
@@ -114,14 +148,8 @@ class MqttConnector:
         ingest = self.ingest
         link = self.link
         assert ingest is not None and link is not None
-        ack = None
-        if msg.qos > 0:
-            mid = msg.mid
-
-            def ack() -> None:
-                if link.connected:  # after a reconnect the broker redelivers instead
-                    link.ack(mid)
-
+        # After a reconnect, acking on the old link only settles it: the broker redelivers.
+        ack = functools.partial(link.ack, msg.mid) if msg.qos > 0 else None
         topic = msg.topic
         route = self.routes.get(topic)
         payload = msg.payload
