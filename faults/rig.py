@@ -28,12 +28,14 @@ from simulators.bus_recorder import BusRecorder
 from simulators.procs import PROFILES, AgentProc, ReceiverProc
 
 from .ledger import (
+    SINK_TYPES,
     Delivery,
     LedgerResult,
     Window,
     account,
     deliveries_from_bus,
     deliveries_from_receiver,
+    expected,
 )
 from .publisher import CHECKWEIGHER, SCANNER, DevicePublisher
 
@@ -316,11 +318,14 @@ class Rig:
         self.publisher.stop(drain_timeout_secs)
 
     def required_counts(self) -> dict[str, int]:
-        from .ledger import SINK_TYPES, expected
-
+        """Per sink, the facts it must hold: what is required less what its receiver was told
+        to reject (dead by contract)."""
         assert self.publisher is not None
         required, _ = expected(self.publisher.cartons)
-        return {s: sum(1 for f in required if f[0] in SINK_TYPES[s]) for s in SINKS}
+        dead = self.dead()
+        return {s: sum(1 for f in required if f[0] in SINK_TYPES[s]
+                       and f"{f[0]}|{f[1]}" not in dead.get(s, ()))
+                for s in SINKS}
 
     def unique_counts(self) -> dict[str, int]:
         return {"wms": self.wms.stats()["unique"], "erp": self.erp.stats()["unique"],
@@ -371,8 +376,8 @@ class Rig:
         out["bus"] = deliveries_from_bus(events, arrivals)
         return out
 
-    def dead(self) -> dict[str, list[str]]:
-        return {s: [f"{r['type']}|{r['key']}" for r in getattr(self, s).received()["rejected"]]
+    def dead(self) -> dict[str, set[str]]:
+        return {s: {f"{r['type']}|{r['key']}" for r in getattr(self, s).received()["rejected"]}
                 for s in ("wms", "erp")}
 
     def ledger(self) -> LedgerResult:
