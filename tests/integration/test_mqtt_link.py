@@ -32,7 +32,7 @@ from simulators.broker import Mosquitto
 PROFILES = Path(__file__).parents[2] / "device_profiles"
 TOPIC = "it/link/S1/read"
 
-PUBLISH, SUBACK, PINGREQ = 3, 9, 12
+CONNACK, PUBLISH, SUBACK, PINGREQ = 2, 3, 9, 12
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -56,6 +56,8 @@ class MqttProxy:
         self.broker_port = broker_port
         self.release_suback = asyncio.Event()
         self.release_suback.set()
+        self.hold_connack = False  # never forward a CONNACK
+        self.refuse = False  # accept, then close at once
         self.connections: list[dict[int, int]] = []  # per connection: packet type -> count
         self.to_broker: list[dict[int, int]] = []
         self._writers: list[asyncio.StreamWriter] = []
@@ -86,6 +88,9 @@ class MqttProxy:
         self._writers.clear()
 
     async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            cw.transport.abort()
+            return
         try:
             br, bw = await asyncio.open_connection("127.0.0.1", self.broker_port)
         except OSError:
@@ -124,6 +129,8 @@ class MqttProxy:
                 kind = head[0] >> 4
                 if from_broker and kind == SUBACK:
                     await self.release_suback.wait()
+                if from_broker and kind == CONNACK and self.hold_connack:
+                    await asyncio.Event().wait()
                 counts[kind] = counts.get(kind, 0) + 1
                 w.write(head + raw + body)
                 await w.drain()
@@ -250,6 +257,63 @@ async def test_a_slow_suback_is_retriable_and_the_supervisor_reconnects(broker):
             assert not task.done()
         finally:
             await stop(conn, task)
+
+
+@pytest.mark.parametrize("fault", ["refused", "closed_at_once", "no_connack", "dropped_online"])
+async def test_every_failure_of_the_connection_is_retriable(broker, fault):
+    async with MqttProxy(broker.port) as proxy:
+        port = proxy.port
+        if fault == "refused":
+            await proxy.__aexit__()  # nothing listens there any more
+        proxy.refuse = fault == "closed_at_once"
+        proxy.hold_connack = fault == "no_connack"
+        conn = make_connector(port, client_id=f"it-link-{fault}", connect_timeout_secs=1)
+        ing = RecordingIngest()
+        run = asyncio.create_task(conn.run(ing))
+        try:
+            if fault == "dropped_online":
+                assert await until(lambda: conn.health.state == "online" or run.done())
+                proxy.drop_connections()
+            with pytest.raises(RetriableError):
+                await asyncio.wait_for(run, 30)
+            assert conn.link is None
+        finally:
+            await stop(conn, run)
+
+
+async def test_a_suback_behind_a_full_window_waits_for_the_committer():
+    """A resumed session sends its backlog before the SUBACK; with the window full and the
+    committer stalled the SUBACK stays unread: that is not the broker being slow."""
+    window, backlog, timeout = 50, 500, 1
+    with UnboundedMosquitto() as b:
+        conn = make_connector(b.port, client_id="it-link-stalled", receive_maximum=window,
+                              connect_timeout_secs=timeout)
+        ing = RecordingIngest()
+        task = asyncio.create_task(supervise(conn.name, lambda: conn.run(ing), conn.health))
+        try:
+            assert await until(lambda: conn.health.state == "online")
+        finally:
+            await stop(conn, task)
+        await asyncio.to_thread(publish, b.port, range(backlog))
+
+        conn = make_connector(b.port, client_id="it-link-stalled", receive_maximum=window,
+                              connect_timeout_secs=timeout)
+        ing = RecordingIngest()
+        task = asyncio.create_task(supervise(conn.name, lambda: conn.run(ing), conn.health))
+        acker = None
+        try:
+            assert await until(lambda: len(ing.seqs) >= window)
+            # Stalled for 3 SUBACK timeouts: no reconnect, nothing more read.
+            assert not await until(lambda: conn.health.restarts > 0 or len(ing.seqs) > window,
+                                   3 * timeout)
+            assert conn.health.state != "online"  # not subscribed yet
+            acker = asyncio.create_task(committer(ing))
+            assert await until(lambda: len(ing.seqs) >= backlog)
+            assert await until(lambda: conn.health.state == "online")
+            assert conn.health.restarts == 0 and ing.max_open <= window
+            assert sorted(ing.seqs) == list(range(backlog))
+        finally:
+            await stop(conn, task, *([acker] if acker else []))
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
