@@ -7,15 +7,18 @@ large in-flight window so manual acknowledgement does not throttle ingest.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -24,15 +27,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL: how every helper process is stopped."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
+# Every process `spawn` started that `stop_process` has not stopped yet, by pid.
+_LIVE: dict[int, subprocess.Popen[Any]] = {}
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Start a helper process (broker, receiver, agent, simulator) in a session of its own.
+
+    Its own session (and process group): a Ctrl-C at the terminal, which signals the whole
+    foreground group, does not reach it, so whoever started it stops it, in order; and
+    `stop_process` signals its whole group, so anything it started goes with it. Tracked
+    until stopped: `stop_all` stops whatever is left (the demo's last step).
+    """
+    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    _LIVE[proc.pid] = proc
+    return proc
+
+
+def _signal(proc: subprocess.Popen[Any], sig: int, *, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+
+def _wait_exited(proc: subprocess.Popen[Any], timeout: float | None) -> bool:
+    """Until the process has exited, without reaping it (its pid, which is also its group's
+    id, stays taken: a signal to the group cannot reach a stranger)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # reaped already
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 5.0, *,
+                 sig: int = signal.SIGTERM) -> int | None:
+    """Stop a helper process with its whole tree: ``sig`` (SIGTERM) to the process, up to
+    ``timeout`` for it to exit, then SIGKILL to its group, which also ends anything it
+    started and left behind. Returns its exit code (None if there was none)."""
+    if proc is None:
+        return None
+    group = _LIVE.pop(proc.pid, None) is proc
+    if proc.returncode is None:
+        _signal(proc, sig, group=False)
+        if not _wait_exited(proc, timeout):
+            _signal(proc, signal.SIGKILL, group=group)
+            _wait_exited(proc, None)
+        if group:
+            _signal(proc, signal.SIGKILL, group=True)  # what it started and left behind
+    return proc.wait()
+
+
+def kill_process(proc: subprocess.Popen[Any] | None) -> int | None:
+    """SIGKILL a helper process and its whole tree at once (``kill -9``)."""
+    if proc is None:
+        return None
+    if _LIVE.get(proc.pid) is proc and proc.poll() is None:  # not reaped: its pid is its own
+        _signal(proc, signal.SIGKILL, group=True)
+    return stop_process(proc, 0, sig=signal.SIGKILL)
+
+
+def stop_all(timeout: float = 5.0) -> list[str]:
+    """Stop every helper process still running, newest first; returns what each was."""
+    stopped = []
+    for proc in reversed(list(_LIVE.values())):
+        if proc.poll() is None:
+            stopped.append(" ".join(map(str, proc.args))[:120])  # type: ignore[arg-type]
+        stop_process(proc, timeout)
+    return stopped
 
 
 def find_mosquitto() -> str | None:
@@ -87,7 +156,7 @@ class Mosquitto:
         return conf
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [self.exe, "-c", str(self._conf())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE if not self.verbose else None,
@@ -154,7 +223,7 @@ class EmbeddedBroker:
             "    allow_anonymous: true\n"
         )
         self._log = open(self.workdir / "amqtt.log", "wb")
-        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=self._log, stderr=self._log)
+        self.proc = spawn([self.exe, "-c", str(conf)], stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,7 +1,8 @@
 """Run the pieces of a local line as real processes: receivers, the agent, the carton line.
 
 Shared by the end-to-end tests, ``edge-agent demo`` and the benchmarks, so all three drive
-the same real processes over real sockets. Everything binds to 127.0.0.1.
+the same real processes over real sockets. Everything binds to 127.0.0.1. Each process runs
+in a session of its own and is stopped with its whole tree (``simulators.broker.spawn``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from .broker import stop_process
+from .broker import kill_process, spawn, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SITE = ROOT / "edge_agent" / "examples" / "site.yaml"
@@ -39,7 +39,7 @@ class ReceiverProc:
         self.name = name
         self.log_path = workdir / f"receiver-{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [sys.executable, "-m", "simulators.receiver", "--name", name,
              "--port", str(port), "--control-port", str(control_port)],
             stdout=subprocess.PIPE, stderr=self._log, env=_env(), cwd=ROOT,
@@ -155,7 +155,7 @@ class AgentProc:
 
     def start(self) -> AgentProc:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [sys.executable, "-m", "edge_agent.cli", "run", "-c", str(self.config),
              "--status-file", str(self.status_file), "--log-level", self.log_level],
             stdout=log, stderr=log, env=_env(), cwd=self.workdir,
@@ -195,20 +195,20 @@ class AgentProc:
 
     def kill9(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        kill_process(self.proc)
 
     def stop(self, timeout_secs: float = 20) -> int:
-        """SIGTERM and wait for a clean exit; returns the exit code."""
+        """SIGTERM and wait for it to exit; returns the exit code. Raises TimeoutError
+        (after a SIGKILL) if it did not exit in time."""
         if self.proc is None or self.proc.poll() is not None:
+            stop_process(self.proc)  # reaped, untracked
             return self.proc.returncode if self.proc else 0
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout_secs)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        rc = stop_process(self.proc, timeout_secs)
+        if rc == -9:
+            raise TimeoutError(f"the agent did not exit within {timeout_secs} s of SIGTERM; "
+                               f"killed; see {self.log_path}")
+        assert rc is not None
+        return rc
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -234,7 +234,7 @@ class LineProc:
             args.append("--ideal-clocks")
         self.log_path = workdir / f"line-{start_index}.log"
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=_env(), cwd=ROOT)
+        self.proc = spawn(args, stdout=log, stderr=log, env=_env(), cwd=ROOT)
         log.close()
 
     def wait(self, timeout_secs: float) -> dict[str, Any]:

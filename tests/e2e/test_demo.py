@@ -7,6 +7,7 @@ on SIGINT, and leaves no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,10 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
+
+from simulators.broker import kill_process, spawn
 
 RESULT_OK = "result: exactly once at wms, erp and bus:"
 # A row of the ledger table: sink, type, expected, delivered, wrong, missing, invented,
@@ -42,14 +46,31 @@ def _env() -> dict[str, str]:
     return env
 
 
+DEMO_MARK = "EDGE_AGENT_TEST_DEMO"  # in the environment of a demo and all it starts
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """Every running process whose environment carries ``DEMO_MARK=mark``."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(DEMO_MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 class Demo:
     """A running demo whose output is collected line by line by a reader thread."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
                  cmd: list[str] | None = None):
-        self.proc = subprocess.Popen(
-            [*cmd, *args] if cmd is not None else _demo_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**_env(), **(env or {})}, start_new_session=True,  # its own process group, as in a terminal
+        self.mark = uuid.uuid4().hex
+        self.proc = spawn(  # its own process group, as in a terminal
+            [*cmd, *args] if cmd is not None else _demo_cmd(*args), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+            env={**_env(), **(env or {}), DEMO_MARK: self.mark},
         )
         self.lines: list[str] = []
         self.running = threading.Event()
@@ -86,12 +107,14 @@ class Demo:
         return "".join(self.lines)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for c in self.children.values():
-            if c.is_running():
-                c.kill()
+        """SIGKILL the demo and everything it started (found by the mark in their
+        environment: they run in sessions of their own and outlive their parent)."""
+        kill_process(self.proc)
+        left = marked(self.mark)
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(left, timeout=10)
         self._reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -135,6 +158,8 @@ def assert_all_accounted(out: str) -> dict[tuple[str, str], dict[str, int | floa
 def assert_no_child_left(demo: Demo) -> None:
     assert demo.children, "saw no child processes of the demo"
     _gone, alive = psutil.wait_procs(list(demo.children.values()), timeout=5)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    _gone, alive = psutil.wait_procs(marked(demo.mark), timeout=5)
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
 
 
@@ -235,6 +260,36 @@ def test_demo_with_the_modbus_checkweigher_accounts_for_every_carton(tmp_path):
         assert_no_child_left(demo)
     finally:
         demo.kill()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_signalled_alone_stops_everything_it_started(tmp_path, sig):
+    """SIGTERM (systemd, kill) or SIGHUP (its terminal closed) to the demo process only, not
+    its group: it still stops every process it started, in order, and exits."""
+    demo = Demo("--rate", "50", "--workdir", str(tmp_path / "demo"))
+    try:
+        assert demo.running.wait(30), demo.output()
+        _watch(demo, 3)
+        demo.proc.send_signal(sig)
+        _watch(demo, 60)
+        demo.wait(60)
+        assert_no_child_left(demo)
+    finally:
+        demo.kill()
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_demo_leaves_no_process(tmp_path):
+    """What a test does when it fails early: kill the demo. Nothing it started survives."""
+    demo = Demo("--rate", "50", "--workdir", str(tmp_path / "demo"))
+    try:
+        assert demo.running.wait(30), demo.output()
+        assert marked(demo.mark)[1:], "saw no child processes of the demo"
+    finally:
+        demo.kill()
+    _gone, alive = psutil.wait_procs(marked(demo.mark), timeout=5)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
 
 
 def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path):
