@@ -301,6 +301,8 @@ class MqttLink:
         last_ping = -every
         while True:
             await asyncio.sleep(1.0)
+            if self._closed is None or self._closed.done():
+                return  # lost: the owner tears the link down
             try:
                 if self._reading:
                     last_ping = -every
