@@ -412,7 +412,7 @@ SCENARIOS: dict[str, Scenario] = {
                  Size(rate=300, secs=0, outage_secs=60), Size(rate=100, secs=0, outage_secs=8),
                  body_slow_wms, site={"http_timeout_secs": 2}),
         Scenario("rejects", "WMS rejects 5% (422), then 5% with garbage 400 bodies",
-                 Size(rate=300, secs=0, outage_secs=60), Size(rate=100, secs=0, outage_secs=12),
+                 Size(rate=300, secs=0, outage_secs=60), Size(rate=300, secs=0, outage_secs=12),
                  body_rejects),
         Scenario("broker_restart", "the broker restarts (3 s down each time)",
                  Size(rate=300, secs=30, restarts=3), Size(rate=100, secs=6, restarts=1),

@@ -57,8 +57,6 @@ def test_broker_restart_no_exit_no_loss(tmp_path):
     _run("broker_restart", tmp_path)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8 items 1 and 5: delivered events re-sent to "
-                   "the healthy ERP; a rejected event makes the WMS send one event per request")
 def test_rejects_keep_batching_and_nothing_resent(tmp_path):
     """Items 1, 5, 10: 5% rejected (422, then 400 with garbage bodies): the rest keeps
     flowing at the ingest rate, nothing delivered is sent again, the log holds no raw
