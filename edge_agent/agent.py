@@ -70,7 +70,7 @@ class Agent:
         base_dir: Path,
         clock: Clock | None = None,
         status_file: Path | None = None,
-        drain_secs: float = 5.0,
+        drain_secs: float = DRAIN_SECS,
     ):
         self.site = site
         self.profiles = profiles

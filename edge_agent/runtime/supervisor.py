@@ -83,6 +83,11 @@ async def supervise(
                           name, exc, exc_info=exc)
             elif health.state != "offline":
                 log.warning("%s went offline again on the same internal error: %r", name, exc)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Shutdown cancelled us, but the component turned the cancel into a failure
+            # (asyncio.wait_for in Python 3.11 can): never restart it then.
+            raise asyncio.CancelledError
         if health.onlines != onlines or time.monotonic() - started > stable_secs:
             attempt = 0  # it was online (or ran a good while) since the last failure
         if health.onlines != onlines:

@@ -129,3 +129,26 @@ async def test_a_clean_return_stops_supervision():
     h = Health()
     await asyncio.wait_for(supervise("x", done, h), 5)
     assert h.state == "stopped"
+
+
+async def test_a_component_that_turns_the_shutdown_cancel_into_a_failure_is_not_restarted():
+    """asyncio.wait_for (Python 3.11) can swallow a cancel and raise the inner error instead:
+    the MQTT connector did, and the supervisor reconnected it forever during shutdown."""
+    runs = 0
+    started = asyncio.Event()
+
+    async def swallows_cancel() -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise NotConnected("link closed") from None  # the cancel is lost here
+
+    task = asyncio.create_task(supervise("mqtt:plant", swallows_cancel, Health()))
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=10)
+    assert task in done and task.cancelled()
+    assert runs == 1
