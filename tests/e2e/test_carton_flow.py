@@ -48,14 +48,25 @@ def test_cartons_reach_wms_erp_and_bus_exactly_once(broker, tmp_path, protocol):
         line.close()
 
 
+def _until(pred, secs: float) -> bool:
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
 def test_wms_outage_holds_back_nothing_else_and_recovers(line):
     line.wms.control(mode="refuse")
     line.agent.start().wait_ready()
     lp = line.run_line(count=900, rate=300, seed=11)
-    time.sleep(1.0)
+    # Each failure kind is held until the agent has met it (its backoff grows meanwhile, so
+    # on a busy machine a fixed pause could end before the next attempt).
+    assert _until(lambda: line.agent.status()["sinks"]["wms"]["failures"] >= 1, 60)
     line.wms.control(mode="ok")
     line.wms.control(mode="status", status=503)
-    time.sleep(1.5)
+    assert _until(lambda: line.wms.stats()["statuses"].get("503", 0) >= 1, 90)
     line.wms.control(mode="status", status=429, retry_after_secs=2)
     t429 = time.monotonic()
     gt = lp.wait(60)
@@ -63,6 +74,7 @@ def test_wms_outage_holds_back_nothing_else_and_recovers(line):
     # The ERP and the bus get everything while the WMS is still failing.
     assert line.erp.wait_unique(want["erp"], SETTLE_SECS) == want["erp"]
     assert line.bus.wait_unique(want["bus"], SETTLE_SECS) == want["bus"]
+    assert _until(lambda: line.wms.stats()["statuses"].get("429", 0) >= 2, 90)
     assert line.wms.stats()["unique"] == 0
     n429 = line.wms.stats()["statuses"].get("429", 0)
     elapsed = time.monotonic() - t429
