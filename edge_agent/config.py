@@ -67,7 +67,8 @@ class BrokerConfig(Model):
         1000,
         ge=1,
         le=65535,
-        description="Most unacknowledged QoS 1 messages the broker may send us at once (MQTT 5); "
+        description="Most unacknowledged QoS 1 messages the agent holds: sent to MQTT 5 brokers "
+        "as Receive Maximum, and enforced by the agent itself (it stops reading) for 3.1.1; "
         "this bounds the agent's input queue.",
     )
 
