@@ -423,13 +423,7 @@ class Agent:
             "time": time.time(),
             "started_at": self.started_at,
             "ingest_paused": self.ingest_paused,
-            "connectors": {
-                c.name: (
-                    {**_health(c.health), "received": c.received}
-                    if isinstance(c, MqttConnector) else c.status()
-                )
-                for c in self.connectors
-            },
+            "connectors": {c.name: c.status() for c in self.connectors},
             "engine": {
                 **self.engine.counters,
                 "bad_payloads": {f"{d}:{r}": n for (d, r), n in self.engine.bad.items()},
