@@ -8,6 +8,14 @@ own, so a dead WMS never holds back the ERP or the MQTT bus.
 
 Settlements join the group-commit batch (losing one to a crash only means a re-send, which
 the receiver deduplicates by Idempotency-Key).
+
+What is sent again: only what failed or was not acknowledged (a transient failure, a crash
+before the settle was durable). The ``cursor`` (the last sequence number taken from the
+outbox order) never moves back: every read of the feed or the outbox is past it, so nothing
+the dispatcher already took is read again. Rows an operator puts back (``outbox retry``) lie
+behind the cursor; an idle dispatcher *sweeps* for them every ``RESCAN_SECS``, only once its
+own settles are durable (an unsettled row looks pending too), and sends them without moving
+the cursor.
 """
 
 from __future__ import annotations
@@ -18,14 +26,15 @@ import random
 import time
 
 from ..errors import RetriableError
-from ..sinks.base import Result, SendIncomplete, Sink
+from ..sinks.base import Result, SendIncomplete, Sink, peer_text
 from .batch import Settle
 from .committer import Committer
 from .store import DEAD, DELIVERED, PENDING, Pending
 
 log = logging.getLogger(__name__)
 
-RESCAN_SECS = 10.0  # how often an idle dispatcher looks again for rows put back by an operator
+RESCAN_SECS = 10.0  # how often an idle dispatcher sweeps for rows put back by an operator
+DEAD_REASON_MAX_CHARS = 2000  # of a rejection reason, kept in the dead letter
 
 
 def backoff_delay(attempt: int, initial_secs: float, cap_secs: float) -> float:
@@ -54,8 +63,10 @@ class Dispatcher:
         self.max_retry_after = max_retry_after_secs
         self.linger = linger_secs
         self._partial = False  # the last send was not a full batch: traffic is flowing
-        self._from_outbox = False  # read the outbox even where the feed would do (rescan)
-        self.cursor = 0
+        self.cursor = 0  # last seq taken in outbox order; only ever grows
+        self._sweep_after: int | None = None  # a sweep under way: its position
+        self._last_sweep = time.monotonic()
+        self.sweeps = 0  # rows found put back behind the cursor (operator retries)
         self.held: list[Pending] = []
         self.failures = 0  # consecutive transient failures
         self.delivered = 0
@@ -70,7 +81,6 @@ class Dispatcher:
         self.wake.set()
 
     async def run(self) -> None:
-        last_rescan = time.monotonic()
         while not self._stopping:
             items = self.held
             if not items:
@@ -82,24 +92,21 @@ class Dispatcher:
                     break
                 self.wake.clear()
                 items = await self._next_batch()
-                if not items:
+                if items:
+                    self.cursor = items[-1].seq
+                    self._partial = len(items) < self.sink.batch_max_events
+                else:
                     self.state = "idle"
-                    now = time.monotonic()
-                    if now - last_rescan > RESCAN_SECS and self.committer.commits >= self._settle_commit:
-                        self.cursor = 0  # pick up dead rows an operator put back
-                        self._from_outbox = True
-                        last_rescan = now
+                    items = await self._sweep()
+                    if not items:
+                        if self._stopping:
+                            break
+                        try:
+                            await asyncio.wait_for(self.wake.wait(), RESCAN_SECS)
+                        except TimeoutError:
+                            pass
+                        self._partial = False
                         continue
-                    if self._stopping:
-                        break
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), RESCAN_SECS)
-                    except TimeoutError:
-                        pass
-                    self._partial = False
-                    continue
-                self.cursor = items[-1].seq
-                self._partial = len(items) < self.sink.batch_max_events
             self.state = "sending"
             try:
                 results = await self.sink.send(items)
@@ -124,10 +131,10 @@ class Dispatcher:
         """The next pending events after the cursor: from the in-memory feed when it is
         complete past the cursor, else from the outbox."""
         f, limit = self.feed, self.sink.batch_max_events
-        if self.cursor >= f.complete_after and not self._from_outbox:
-            q = f.items
-            while q and q[0].seq <= self.cursor:
-                q.popleft()
+        q = f.items
+        while q and q[0].seq <= self.cursor:  # taken from the outbox already
+            q.popleft()
+        if self.cursor >= f.complete_after:
             n = min(limit, len(q))
             return [q.popleft() for _ in range(n)]
         complete_after = f.complete_after
@@ -138,7 +145,30 @@ class Dispatcher:
             # Nothing pending up to what was committed when we asked, which includes
             # everything up to complete_after: from here on the feed has it all.
             self.cursor = max(self.cursor, complete_after)
-            self._from_outbox = False
+        return items
+
+    async def _sweep(self) -> list[Pending]:
+        """Rows pending behind the cursor (put back by an operator), a batch at a time; an
+        idle dispatcher looks every ``RESCAN_SECS``. Never moves the cursor."""
+        if self._sweep_after is None:
+            now = time.monotonic()
+            if now - self._last_sweep <= RESCAN_SECS:
+                return []
+            self._last_sweep = now
+            self._sweep_after = 0
+        if self.committer.commits < self._settle_commit:
+            return []  # our last settles are not durable yet: those rows still look pending
+        rows = await self.committer.run_db(
+            self.committer.store.fetch_pending, self.name, self._sweep_after, self.sink.batch_max_events
+        )
+        cursor = self.cursor
+        items = [r for r in rows if r.seq <= cursor]
+        if not items:
+            self._sweep_after = None
+            return []
+        self._sweep_after = items[-1].seq
+        self.sweeps += len(items)
+        log.info("sink %s: %d events put back for delivery (first %s)", self.name, len(items), items[0].id)
         return items
 
     def _settle(self, items: list[Pending], results: list[Result]) -> None:
@@ -149,16 +179,17 @@ class Dispatcher:
                 settles.append(Settle(self.name, it.seq, DELIVERED, None, now))
                 self.delivered += 1
             else:
-                settles.append(Settle(self.name, it.seq, DEAD, res[:2000], now))
+                # A reason quotes the receiver: one printable line, bounded, whatever it sent.
+                settles.append(Settle(self.name, it.seq, DEAD, peer_text(res, DEAD_REASON_MAX_CHARS), now))
                 self.dead += 1
-                log.error("sink %s rejected event %s (%s) for good: %s", self.name, it.id, it.type, res[:300])
+                log.error("sink %s rejected event %s (%s) for good: %s", self.name, it.id, it.type, peer_text(res))
         self._settle_commit = self.committer.durable_after()
         self.committer.changed()
 
     async def _backoff(self, exc: RetriableError) -> None:
         self.failures += 1
         self.state = "backoff"
-        msg = str(exc)[:500]
+        msg = peer_text(str(exc), 500)
         if self.last_error is None:
             log.warning("sink %s failing, will retry: %s", self.name, msg)
         self.last_error = msg
