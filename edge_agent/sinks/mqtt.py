@@ -1,7 +1,11 @@
 """MQTT sink: publishes each event's CloudEvents envelope on ``{prefix}/events/{type}``.
 
 QoS 1, not retained; an event counts as delivered only when the broker has acknowledged it
-(PUBACK). On MQTT 5 the CloudEvents attributes are also user properties and the content
+(PUBACK). A send that fails transiently keeps the publishes still in flight on the link:
+the dispatcher's retry of the same events waits for their PUBACKs instead of publishing
+them again (a broker that is slow to acknowledge would otherwise get every event twice),
+and an event the broker acknowledged after the failure is not published again either.
+Only a new link (the old one's in-flight messages are gone with it) publishes anew. On MQTT 5 the CloudEvents attributes are also user properties and the content
 type is set. The sink owns its link and publishes the retained agent status
 (``{prefix}/agent/status``: online, with a last will ``offline``).
 """
@@ -61,6 +65,11 @@ class PackedProperties(Properties):
         return self._packed
 
 
+def _failed(f: asyncio.Future[None]) -> bool:
+    """A finished publish that did not end in a PUBACK (its exception is retrieved)."""
+    return f.done() and (f.cancelled() or f.exception() is not None)
+
+
 def status_payload(state: str, **extra: object) -> bytes:
     return json.dumps({"state": state, "since": iso_time(time.time()), **extra}).encode()
 
@@ -79,6 +88,10 @@ class MqttSink:
         self.health = Health()
         self.v5 = broker.protocol == "5"
         self._ready = asyncio.Event()
+        # After a transient failure: event id -> its publish, still pending or acknowledged,
+        # on ``_inflight_link``; only for the failed send's unsettled events (bounded).
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._inflight_link: MqttLink | None = None
 
     async def start(self) -> None:
         """Nothing to do: ``run()`` (supervised) keeps the link up."""
@@ -114,36 +127,53 @@ class MqttSink:
         )
 
     async def send(self, items: list[Pending]) -> list[Result]:
+        if not items:
+            return []
         link = self.link
         if link is None or not link.connected:
             raise NotConnected(f"MQTT sink {self.name}: not connected")
-        futs = []
+        inflight, self._inflight = self._inflight, {}
+        if self._inflight_link is not link:
+            inflight = {}  # gone with the old connection: publish anew
+        futs: list[asyncio.Future[None]] = []
+        cause: BaseException
         try:
             for it in items:
-                futs.append(
-                    link.publish(
+                f = inflight.get(it.id) if inflight else None
+                if f is None or _failed(f):
+                    f = link.publish(
                         f"{self.prefix}/events/{it.type}", it.body.encode(), 1, False, self._props(it)
                     )
-                )
+                    assert f is not None  # QoS 1
+                futs.append(f)
         except NotConnected as exc:
             cause = exc
         else:
-            try:
-                await asyncio.wait_for(asyncio.gather(*futs), self.cfg.publish_timeout_secs)
+            # asyncio.wait, not wait_for: a timeout must not cancel the publishes.
+            _, pending = await asyncio.wait(futs, timeout=self.cfg.publish_timeout_secs)
+            failed = next((f for f in futs if _failed(f)), None)
+            if not pending and failed is None:
                 return [None] * len(items)
-            except TimeoutError:
+            if failed is not None:
+                cause = failed.exception() or RetriableError(f"MQTT sink {self.name}: publish cancelled")
+            else:
                 cause = RetriableError(f"MQTT sink {self.name}: no PUBACK within timeout")
-            except RetriableError as exc:
-                cause = exc
         # Whatever the broker acknowledged in order counts; the rest is retried.
         done = 0
         for f in futs:
-            if f is None or not f.done() or f.cancelled() or f.exception() is not None:
+            if not f.done() or _failed(f):
                 break
             done += 1
-        for f in futs[done:]:
-            if f is not None and f.done() and not f.cancelled():
-                f.exception()  # retrieved: no "never retrieved" warnings
+        keep: dict[str, asyncio.Future[None]] = {}
+        for it, f in zip(items[done:], futs[done:], strict=False):
+            if _failed(f):
+                continue  # publish again next time
+            if not f.done():
+                f.add_done_callback(_failed)  # its exception is retrieved whoever waits
+            keep[it.id] = f  # pending, or acknowledged out of order: reused by the retry
+        self._inflight, self._inflight_link = keep, link
+        if not isinstance(cause, RetriableError):
+            cause = RetriableError(f"MQTT sink {self.name}: {cause!r}")
         if done:
             raise SendIncomplete([None] * done, cause)
         raise cause

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 
+import pytest
+
 from edge_agent.config import BrokerConfig, MqttSinkConfig
-from edge_agent.errors import NotConnected
+from edge_agent.errors import NotConnected, RetriableError
 from edge_agent.runtime.supervisor import Health, supervise
+from edge_agent.sinks.base import SendIncomplete
 from edge_agent.sinks.mqtt import MqttSink
 from edge_agent.testing import ReceivedEvent, check_sink_contract, sample_items
-from simulators.broker import free_port
+from simulators.broker import Mosquitto, free_port
 from simulators.bus_recorder import BusRecorder
 
 
@@ -88,3 +92,42 @@ async def test_mqtt_sink_status_retained_and_not_connected_when_down(broker):
             raise AssertionError("send to a missing broker must raise NotConnected")
     finally:
         await down.close()
+
+
+async def test_a_retry_after_a_puback_timeout_does_not_publish_again():
+    """No PUBACK within the timeout (a broker that stalls) is a transient failure, not a lost
+    message: paho still has the messages in flight on the same link. The retry of the same
+    events must wait for those acknowledgements, not publish every event a second time."""
+    with Mosquitto() as own:  # its own broker: this test stalls it
+        assert own.proc is not None
+        rec = BusRecorder(own.host, own.port, "edge/slow/events/#")
+        sink = make(own.port, site="slow")
+        sink.cfg = sink.cfg.model_copy(update={"publish_timeout_secs": 0.5})
+        await sink.start()
+        *items, marker = sample_items(201)
+        try:
+            own.proc.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(RetriableError):
+                    await sink.send(items)  # no PUBACK while the broker is stalled
+            finally:
+                own.proc.send_signal(signal.SIGCONT)
+            results = None
+            for _ in range(50):  # the dispatcher's retries, without its backoff
+                try:
+                    results = await sink.send(items)
+                    break
+                except SendIncomplete as exc:
+                    items = items[len(exc.results):]
+                except RetriableError:
+                    pass
+            assert results == [None] * len(items)
+            # Published after everything else on one link: once it arrived, so did the rest.
+            assert await sink.send([marker]) == [None]
+            assert await asyncio.to_thread(rec.wait_unique, 201, 10) == 201
+            with rec.lock:
+                ids = [e["id"] for e in rec.events]
+            assert len(ids) == 201, f"{len(ids) - 201} events published again"
+        finally:
+            await sink.close()
+            rec.close()
