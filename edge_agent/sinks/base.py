@@ -5,7 +5,10 @@ the destination accepted it (or already had it), or a short reason string if it 
 for good (the dispatcher dead-letters it). A transient failure raises ``RetriableError``
 (nothing of the batch counts as delivered) or ``SendIncomplete`` (the first
 ``len(results)`` items have results, the rest must be retried). A sink never retries or
-sleeps on its own: timing belongs to the dispatcher.
+sleeps on its own: timing belongs to the dispatcher. The dispatcher's retry after a
+transient failure is the same items (or the unsettled rest) again; a sink may recognise
+them (e.g. the MQTT sink's publishes still in flight) so that what the destination already
+acknowledged is not sent again. A batch's idempotency key is a function of its event ids.
 
 Whatever a peer sent (a response body, a reason phrase, a header) is untrusted text: a sink
 passes it through ``peer_text`` before it becomes part of a rejection reason or an error

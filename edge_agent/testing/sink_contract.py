@@ -12,8 +12,15 @@ receivers rely on:
 - the receiver gets every event once per send, in order, with its envelope unchanged
   (including non-ASCII data) and a non-empty idempotency key;
 - sending the same items again (a redelivery) succeeds and carries the same keys, so the
-  receiver can deduplicate;
+  receiver can deduplicate (a key is a function of the event ids it covers, never of when or
+  how often they were sent);
 - ``close()`` may be called twice.
+
+Not checked here, but part of the contract (``sinks/base.py``) and tested per sink: a
+rejection reason and a transient error's message are one printable line of bounded length
+(``peer_text``), whatever the destination sent; a transient failure after part of a batch
+reports the settled prefix (``SendIncomplete``), and a retry of the rest re-sends only what
+was not acknowledged.
 
 It raises ``AssertionError`` with a readable message and depends on nothing but the agent,
 so any test runner can use it.
