@@ -16,9 +16,12 @@ a batch is those bodies joined into a JSON array, so nothing is parsed per event
 ``Idempotency-Key`` is derived from the event ids, so a retried batch of the same events
 carries the same key (receivers must still deduplicate per event id: after a restart the
 same events may travel in a differently cut batch). When the receiver rejects a batch for
-good, the batch is split in halves, in order, and each half sent again (a half of one event
-is a one-element batch keyed by the event id), so only the bad events are dead-lettered and
-the rest stays batched: one rejected event in N costs about 2 log2(N) more requests, not N.
+good, the bad events are isolated and the rest stays batched. If the rejection names them
+(a JSON body with ``"rejected_ids": [...]``, a subset of the batch's ids), exactly those are
+dead-lettered with that response and the others are sent again as one batch (two requests
+whatever the number of rejections). Otherwise the batch is split in halves, in order, and
+each half sent again (a half of one event is a one-element batch keyed by the event id): one
+rejected event in N costs about 2 log2(N) more requests, not N.
 
 Everything the receiver says (body, reason phrase, headers) goes through ``peer_text``
 before it is kept in a reason or an error message: one printable line, bounded.
@@ -37,6 +40,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import orjson
 
 from .. import __version__
 from ..config import HttpSinkConfig
@@ -104,9 +108,8 @@ class HttpSink:
         try:
             if self.cfg.mode == "single":
                 for it in items:
-                    results.append(
-                        await self._post(it.body.encode(), SINGLE_CONTENT_TYPE, it.id, it.subject)
-                    )
+                    res, _ = await self._post(it.body.encode(), SINGLE_CONTENT_TYPE, it.id, it.subject)
+                    results.append(res)
             else:
                 await self._send_batch(items, results)
         except RetriableError as exc:
@@ -119,10 +122,10 @@ class HttpSink:
     # --- internals -------------------------------------------------------------------------
 
     async def _send_batch(self, items: list[Pending], results: list[Result]) -> None:
-        """POST ``items`` as one batch; on a permanent rejection, bisect to isolate the bad
-        events. Appends one result per item to ``results``, in order; raises on the first
-        transient failure (``results`` then holds the settled prefix)."""
-        result = await self._post(
+        """POST ``items`` as one batch; on a permanent rejection, isolate the bad events.
+        Appends one result per item to ``results``, in order; raises on the first transient
+        failure (``results`` then holds the settled prefix)."""
+        result, body = await self._post(
             b"[" + b",".join(it.body.encode() for it in items) + b"]",
             BATCH_CONTENT_TYPE,
             _batch_key(items),
@@ -132,14 +135,40 @@ class HttpSink:
             results.extend([None] * len(items))
         elif len(items) == 1:
             results.append(result)
+        elif named := _rejected_ids(body, items):
+            await self._send_all_but(items, named, result, results)
         else:
-            # Rejected for good: some event(s) of it are bad (or the batch is too large for
-            # the receiver). Halves, in order, keep the good events batched.
+            # Some event(s) of it are bad (or the batch is too large for the receiver):
+            # halves, in order, keep the good events batched.
             mid = len(items) // 2
             await self._send_batch(items[:mid], results)
             await self._send_batch(items[mid:], results)
 
-    async def _post(self, content: bytes, content_type: str, key: str, subject: str) -> Result:
+    async def _send_all_but(
+        self, items: list[Pending], rejected: set[str], reason: str, results: list[Result]
+    ) -> None:
+        """Dead-letter the events the receiver named, send the others again as one batch."""
+        rest = [it for it in items if it.id not in rejected]
+        sub: list[Result] = []
+        try:
+            if rest:
+                await self._send_batch(rest, sub)
+        finally:
+            # In order, up to the first event of ``rest`` without a result (on a failure).
+            it_sub = iter(sub)
+            for it in items:
+                if it.id in rejected:
+                    results.append(reason)
+                else:
+                    res = next(it_sub, _MISSING)
+                    if res is _MISSING:
+                        break
+                    results.append(res)  # type: ignore[arg-type]
+
+    async def _post(
+        self, content: bytes, content_type: str, key: str, subject: str
+    ) -> tuple[Result, bytes]:
+        """The outcome of one POST and the (capped) response body."""
         client = self._client
         if client is None:
             raise RuntimeError(f"HttpSink {self.name!r} used before start()")
@@ -165,7 +194,7 @@ class HttpSink:
             raise RetriableError(
                 f"POST {self._where}: {type(exc).__name__}: {peer_text(str(exc))}"
             ) from exc
-        return self._outcome(response, body)
+        return self._outcome(response, body), body
 
     def _outcome(self, response: httpx.Response, body: bytes) -> Result:
         status = response.status_code
@@ -251,6 +280,27 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if when.tzinfo is None:  # "-0000" or no zone: HTTP-dates are always GMT
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+_MISSING = object()
+
+
+def _rejected_ids(body: bytes, items: list[Pending]) -> set[str] | None:
+    """The batch's event ids a rejection names (``{"rejected_ids": [...]}``), or None when
+    it names none of them or anything else (then the sink bisects)."""
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    ids = parsed.get("rejected_ids") if isinstance(parsed, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        return None
+    named = set(ids)
+    if not named <= {it.id for it in items}:
+        return None  # not about this batch: do not trust it
+    return named
 
 
 def _batch_key(items: list[Pending]) -> str:

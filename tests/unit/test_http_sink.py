@@ -388,25 +388,82 @@ async def test_batch_rejection_is_isolated_to_the_bad_event() -> None:
 
 
 @pytest.mark.parametrize("n", [64, 500])
-async def test_one_rejected_event_in_a_batch_costs_log_n_requests_at_a_real_receiver(n: int) -> None:
-    """A batch of N with one bad event: the bad one is isolated with O(log N) requests, every
-    other event arrives exactly once and the rejection reason is the receiver's."""
+async def test_one_rejected_event_in_a_batch_costs_log_n_requests(n: int) -> None:
+    """A rejection that does not say which event is bad: bisection isolates it with
+    O(log N) requests; every other event is accepted exactly once."""
     items = sample_items(n)
     bad = items[n * 2 // 3]
+    accepted: list[str] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        ids = [e["id"] for e in json.loads(request.content)]
+        if bad.id in ids:
+            return httpx.Response(422, text="schema violation somewhere in this batch")
+        accepted.extend(ids)
+        return httpx.Response(200)
+
+    mock = Mock(*[reply] * (2 * n))
+    sink = await started(mock, mode="batch")
+    results = await sink.send(items)
+    await sink.close()
+    assert len(mock.requests) <= 1 + 2 * math.ceil(math.log2(n))  # not n
+    assert accepted == [it.id for it in items if it is not bad]
+    assert results == [
+        "HTTP 422: schema violation somewhere in this batch" if it is bad else None for it in items
+    ]
+
+
+async def test_rejections_named_by_a_real_receiver_cost_two_requests() -> None:
+    """The stand-in WMS names the rejected ids: those are dead-lettered with its answer and
+    the others sent again as one batch (5% rejected in 500: 2 requests, not 500)."""
+    items = sample_items(500)
+    bad = {it.id for it in items[::20]}
     async with SimReceiver("wms") as rec:
-        await rec.control({"reject_ids": [bad.id], "reject_status": 422})
+        await rec.control({"reject_ids": sorted(bad), "reject_status": 422})
         sink = HttpSink("wms", config(url=f"http://127.0.0.1:{rec.events_port}/events", mode="batch"))
         await sink.start()
         try:
             results = await sink.send(items)
         finally:
             await sink.close()
-        assert rec.requests <= 1 + 2 * math.ceil(math.log2(n))  # not n
-        assert [e["id"] for e in rec.events] == [it.id for it in items if it is not bad]
-        assert rec.duplicates == 0
-    reasons = {it.id: r for it, r in zip(items, results, strict=True) if r is not None}
-    assert list(reasons) == [bad.id]
-    assert reasons[bad.id].startswith("HTTP 422: ") and bad.id in reasons[bad.id]
+        assert rec.requests == 2
+        assert [e["id"] for e in rec.events] == [it.id for it in items if it.id not in bad]
+        assert rec.duplicates == 0 and rec.idempotency_key_errors == 0
+    assert [it.id for it, r in zip(items, results, strict=True) if r is not None] == [
+        it.id for it in items if it.id in bad
+    ]
+    assert all(r.startswith("HTTP 422: ") and "rejected_ids" in r for r in results if r)
+    assert all(len(r) <= 1001 + len("HTTP 422: ") for r in results if r)
+
+
+async def test_a_rejection_naming_ids_of_another_batch_is_not_trusted() -> None:
+    items = sample_items(4)
+    mock = Mock(
+        httpx.Response(422, json={"rejected_ids": ["not-in-this-batch"]}),
+        httpx.Response(200),  # first half
+        httpx.Response(200),  # second half
+    )
+    sink = await started(mock, mode="batch")
+    assert await sink.send(items) == [None] * 4  # bisected, nothing dead-lettered
+    assert [len(json.loads(r.content)) for r in mock.requests] == [4, 2, 2]
+    await sink.close()
+
+
+async def test_a_transient_failure_after_named_rejections_keeps_the_settled_prefix() -> None:
+    items = sample_items(4)
+    mock = Mock(
+        httpx.Response(422, json={"rejected_ids": [items[0].id, items[2].id]}),
+        httpx.Response(503, text="busy"),  # the rest, items 1 and 3, as one batch
+    )
+    sink = await started(mock, mode="batch")
+    with pytest.raises(SendIncomplete) as info:
+        await sink.send(items)
+    (reason,) = info.value.results  # item 0 dead; item 1 has no result: stop there
+    assert reason is not None and reason.startswith("HTTP 422: ")
+    assert [[e["id"] for e in json.loads(r.content)] for r in mock.requests] == [
+        [it.id for it in items], [items[1].id, items[3].id]
+    ]
+    await sink.close()
 
 
 async def test_a_transient_failure_while_isolating_keeps_the_settled_prefix() -> None:
