@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, quick=args.quick, started=started, secs=time.monotonic() - t0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    (args.out.with_suffix(".json")).write_text(
+    (base / "faults.json").write_text(
         json.dumps([asdict(r) for r in results], indent=1, default=str))
     print(f"wrote {args.out}; logs in {base}")
     bad = [r.name for r in results if r.status in ("FAIL", "ERROR")]
