@@ -280,6 +280,11 @@ class Sources:
         until = now + self.idle_secs
         if until > self.stalled_until:
             self.stalled_until = until
+        # Meanwhile a buffered device's messages queue upstream: what comes next may be a
+        # backlog, so a time behind arrival no longer says its clock is slow.
+        for s in self.by_device.values():
+            if s.live and s.buffered:
+                s.live = False
 
     # --- what rules ask -----------------------------------------------------------------
 

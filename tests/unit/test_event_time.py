@@ -131,6 +131,31 @@ def test_disk_freeze_or_blocked_loop_makes_no_exception(close_cfg):
     assert h.types() == ["carton_closed"]
 
 
+def test_ingest_paused_on_a_live_session_makes_no_exception(close_cfg):
+    """Found by the fault suite (quota scenario): the agent's first session was new, so its
+    devices were live; the outbox quota paused ingest for 38 s mid-flow while the devices went
+    on publishing to the broker. The backlog read after the pause was taken for clocks running
+    behind (their first messages were placed at arrival time), and the cartons whose scan came
+    before the pause and weight after got a false no_weight."""
+    h = RuleHarness([Correlate(close_cfg, site="s1")], start=T0 - 1)
+    h.source("SCN1", buffered=True, resumed=False)  # a new session: nothing was waiting
+    h.source("CW1", buffered=True, resumed=False)
+    msgs = sorted([scan(i, T0 + i / 300) for i in range(3000)]
+                  + [weight(i, T0 + i / 300 + 0.08) for i in range(3000)], key=lambda e: e.time)
+    pause_at = T0 + 5.0
+    h.feed(*[e for e in msgs if e.time < pause_at])
+    h.engine.paused = True  # over the quota: connectors stop reading, messages wait upstream
+    h.run_until(pause_at + 38)
+    h.engine.paused = False
+    now = h.clock.now()
+    backlog = [e for e in msgs if e.time >= pause_at]
+    for k, e in enumerate(backlog):  # drained faster than real time
+        h.feed(DeviceEvent(e.device, e.event, e.fields, e.time, now + k * 0.0005, e.msg_id))
+    h.run_until(h.clock.now() + 30)
+    assert by_type(h) == {"carton_closed": 3000}
+    assert h.counters("close-station-1")["late_after_timeout"] == 0
+
+
 def test_device_clock_three_hours_behind_still_joins(close_cfg):
     """Cartons join from the first; once a minute of weighings shows the clock is behind,
     it is corrected, so the scanner's real no_weight exceptions are not held back 3 h."""
