@@ -280,11 +280,11 @@ class Sources:
         until = now + self.idle_secs
         if until > self.stalled_until:
             self.stalled_until = until
-        # Meanwhile a buffered device's messages queue upstream: what comes next may be a
-        # backlog, so a time behind arrival no longer says its clock is slow.
+        # Meanwhile devices' messages queue upstream (at the broker, or held on the device
+        # by a handshake): what comes next may be a backlog, so a time behind arrival no
+        # longer says a clock is slow.
         for s in self.by_device.values():
-            if s.live and s.buffered:
-                s.live = False
+            s.live = False
 
     # --- what rules ask -----------------------------------------------------------------
 
