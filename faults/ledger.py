@@ -22,6 +22,11 @@ acknowledged, so the agent may not have seen it). Then, from every delivery a si
 The rules of the site (``faults.rig.site_yaml``): ``close`` correlates a scan and a weight
 by tracking id into ``carton_closed`` (a no-read scan ends it with ``scan_no_read``; a window
 without both gives ``carton_exception``); ``scanned`` maps every scan to ``carton_scanned``.
+
+Devices other than the MQTT ones (a Modbus checkweigher, an OPC UA sorter: ``faults.devices``)
+bring their own facts in a ``FactBook``: what they must produce (with the values each event
+must carry), what they may produce, and which sinks take each type. They are judged with
+the same counts, in the same table.
 """
 
 from __future__ import annotations
@@ -53,6 +58,28 @@ class Delivery:
     time: float  # the event's own time (when it happened on the floor)
     arrival: float  # wall clock at the sink
     data: Mapping[str, Any]
+
+
+@dataclass
+class FactBook:
+    """Facts of devices outside the publisher's: ``required`` maps (type, key) to the values
+    its event must carry (numbers within ``tolerance``); ``allowed`` also holds what may come
+    (every required fact is allowed); ``sinks`` maps each type to the sinks that take it."""
+
+    required: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    allowed: set[tuple[str, str]] = field(default_factory=set)
+    sinks: dict[str, frozenset[str]] = field(default_factory=dict)
+    tolerance: float = 0.01
+
+    def for_sink(self, sink: str) -> tuple[dict[tuple[str, str], dict[str, Any]],
+                                           set[tuple[str, str]]]:
+        takes = {t for t, ss in self.sinks.items() if sink in ss}
+        required = {f: v for f, v in self.required.items() if f[0] in takes}
+        allowed = {f for f in self.allowed | set(self.required) if f[0] in takes}
+        return required, allowed
+
+    def required_count(self, sink: str) -> int:
+        return len(self.for_sink(sink)[0])
 
 
 @dataclass(frozen=True)
@@ -149,7 +176,16 @@ def expected(cartons: Iterable[Carton]) -> tuple[dict[tuple[str, str], Carton],
     return required, allowed
 
 
-def _wrong(d: Delivery, c: Carton) -> str | None:
+def _wrong(d: Delivery, c: Carton | Mapping[str, Any], tolerance: float = 0.01) -> str | None:
+    if isinstance(c, Mapping):  # a device fact from a FactBook: the values it must carry
+        for k, want in c.items():
+            got = d.data.get(k)
+            if isinstance(want, (int, float)) and not isinstance(want, bool):
+                if not isinstance(got, (int, float)) or abs(got - want) > tolerance:
+                    return f"{k}={got!r}, want {want!r}"
+            elif got != want:
+                return f"{k}={got!r}, want {want!r}"
+        return None
     if d.type == "carton_closed":
         w = d.data.get("weight_g")
         if not isinstance(w, (int, float)) or abs(w - c.weight_g) > 1e-6:
@@ -160,11 +196,19 @@ def _wrong(d: Delivery, c: Carton) -> str | None:
 
 
 def account_sink(sink: str, deliveries: list[Delivery], cartons: list[Carton],
-                 windows: list[Window], dead_ids: Iterable[str] = ()) -> SinkResult:
+                 windows: list[Window], dead_ids: Iterable[str] = (),
+                 book: FactBook | None = None) -> SinkResult:
     types = SINK_TYPES[sink]
     required_all, allowed_all = expected(cartons)
-    required = {f: c for f, c in required_all.items() if f[0] in types}
+    required: dict[tuple[str, str], Carton | Mapping[str, Any]] = {
+        f: c for f, c in required_all.items() if f[0] in types}
     allowed = {f for f in allowed_all if f[0] in types}
+    tolerance = 0.01
+    if book is not None:
+        more_required, more_allowed = book.for_sink(sink)
+        required.update(more_required)
+        allowed |= more_allowed
+        tolerance = book.tolerance
     dead = set(dead_ids)
     r = SinkResult(sink, required=len(required), deliveries=len(deliveries))
 
@@ -191,7 +235,7 @@ def account_sink(sink: str, deliveries: list[Delivery], cartons: list[Carton],
             r.note(f"invented {d.type} {d.key}")
             continue
         c = required.get(fact)
-        if c is not None and len(per_fact[fact]) == 1 and (why := _wrong(d, c)):
+        if c is not None and len(per_fact[fact]) == 1 and (why := _wrong(d, c, tolerance)):
             r.wrong += 1
             r.note(f"wrong {d.type} {d.key}: {why}")
     r.unique = len(first)
@@ -217,7 +261,7 @@ def account_sink(sink: str, deliveries: list[Delivery], cartons: list[Carton],
     return r
 
 
-def _dead_fact(fact: tuple[str, str], c: Carton, dead: set[str]) -> bool:
+def _dead_fact(fact: tuple[str, str], c: Any, dead: set[str]) -> bool:
     # Rejected ids are known by the receiver; a fact is dead when the receiver rejected an
     # event of that type and key (it records type and subject/key with each rejected id).
     return f"{fact[0]}|{fact[1]}" in dead
@@ -242,10 +286,10 @@ class LedgerResult:
 
 
 def account(holdings: Mapping[str, list[Delivery]], cartons: list[Carton],
-            windows: list[Window], dead: Mapping[str, Iterable[str]] | None = None
-            ) -> LedgerResult:
+            windows: list[Window], dead: Mapping[str, Iterable[str]] | None = None,
+            book: FactBook | None = None) -> LedgerResult:
     return LedgerResult({
-        sink: account_sink(sink, ds, cartons, windows, (dead or {}).get(sink, ()))
+        sink: account_sink(sink, ds, cartons, windows, (dead or {}).get(sink, ()), book)
         for sink, ds in holdings.items()
     })
 

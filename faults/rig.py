@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from simulators.procs import PROFILES, AgentProc, ReceiverProc
 from .ledger import (
     SINK_TYPES,
     Delivery,
+    FactBook,
     LedgerResult,
     Window,
     account,
@@ -45,8 +47,13 @@ RESTART_DELAY_SECS = 1.0  # systemd RestartSec of the shipped unit
 
 def site_yaml(*, site: str, broker_port: int, wms_url: str, erp_url: str, outbox_path: Path,
               max_disk_mb: int = 2048, http_timeout_secs: float = 10,
-              max_backoff_ms: int = 60000, extra_outbox: str = "") -> str:
-    """The site every scenario runs: one carton-closing station, WMS, ERP and the bus."""
+              max_backoff_ms: int = 60000, extra_outbox: str = "", devices: str = "",
+              rules: str = "", wms_types: tuple[str, ...] = ()) -> str:
+    """The site every scenario runs: one carton-closing station, WMS, ERP and the bus; a
+    scenario may add ``devices`` and ``rules`` (YAML lines at their level) and event types
+    for the WMS (``wms_types``)."""
+    types = ", ".join(("carton_scanned", "carton_closed", "carton_exception", "scan_no_read",
+                       *wms_types))
     return f"""\
 site: {site}
 profiles_dir: {PROFILES}
@@ -59,7 +66,7 @@ devices:
   {CHECKWEIGHER}:
     profile: generic_json_checkweigher
     connection: {{kind: mqtt, broker: local, topic_base: site/faults/checkweigher/{CHECKWEIGHER}}}
-rules:
+{devices}rules:
   - name: close
     kind: correlate
     key: tracking_id
@@ -91,14 +98,14 @@ rules:
       type: carton_scanned
       subject: ${{scan.tracking_id}}
       data: {{tracking_id: "${{scan.tracking_id}}", barcode: "${{scan.barcode}}"}}
-sinks:
+{rules}sinks:
   wms:
     kind: http
     url: {wms_url}
     mode: batch
     timeout_secs: {http_timeout_secs}
     retry: {{max_backoff_ms: {max_backoff_ms}}}
-    event_types: [carton_scanned, carton_closed, carton_exception, scan_no_read]
+    event_types: [{types}]
   erp:
     kind: http
     url: {erp_url}
@@ -134,7 +141,8 @@ class Samples:
 
 class Rig:
     def __init__(self, workdir: Path, *, name: str, rate: float, outbox_dir: Path | None = None,
-                 seed: int = 1, clock_offset: Any = None, **site: Any):
+                 seed: int = 1, clock_offset: Any = None,
+                 offline_at_start: frozenset[str] = frozenset(), **site: Any):
         self.workdir = workdir
         self.name = name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +175,13 @@ class Rig:
         self.rate = rate
         self.seed = seed
         self.clock_offset = clock_offset
+        # Devices the agent cannot reach when it starts (start() does not wait for them).
+        self.offline_at_start = offline_at_start
+        self.started_at = 0.0  # when start() started the agent
+        # What the scenario set up besides the rig (e.g. faults.devices), and the facts of
+        # devices other than the publisher's (counted by settle() and the ledger).
+        self.extra: dict[str, Any] = {}
+        self.facts: Callable[[], FactBook] | None = None
         self._monitor = threading.Thread(target=self._watch, name="fault-monitor", daemon=True)
 
     def _own(self, thing: Any) -> Any:
@@ -176,13 +191,50 @@ class Rig:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self, ready_timeout_secs: float = 90) -> Rig:
-        self.agent.start().wait_ready(ready_timeout_secs)
+        self.started_at = time.time()
+        if self.offline_at_start:
+            self.agent.start()
+            self.wait_ready(ready_timeout_secs, skip=self.offline_at_start)
+        else:
+            self.agent.start().wait_ready(ready_timeout_secs)
         self._monitor.start()
         self.publisher = DevicePublisher(self.broker.host, self.broker.port,
                                          tag=f"{self.name[:6]}{os.getpid() % 1000}",
                                          rate=self.rate, seed=self.seed,
                                          clock_offset=self.clock_offset)
         return self
+
+    def wait_ready(self, timeout_secs: float, *, skip: frozenset[str]) -> dict[str, Any]:
+        """Like ``AgentProc.wait_ready`` (every connector online, every device watched for a
+        whole window) but for the devices not in ``skip`` (and their connectors,
+        ``kind:device``)."""
+        deadline = time.monotonic() + timeout_secs
+        while time.monotonic() < deadline:
+            st = self.agent.status()
+            if st and st.get("pid") == self.agent.pid and all(
+                    c["state"] == "online" for n, c in st["connectors"].items()
+                    if n.split(":", 1)[-1] not in skip):
+                eng = st.get("engine", {})
+                since = [s.get("covered_since") for d, s in eng.get("sources", {}).items()
+                         if d not in skip]
+                if all(c is not None and st["time"] - c > eng.get("max_window_secs", 0)
+                       for c in since):
+                    return st
+            if self.agent.proc and self.agent.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.agent.proc.returncode}; "
+                                   f"see {self.agent.log_path}")
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready in {timeout_secs}s; see {self.agent.log_path}")
+
+    def connector(self, name: str) -> dict[str, Any] | None:
+        """One connector's status (e.g. ``modbus:CW2``) from the running agent's status
+        file, with the file's time as ``at`` (None when there is no status of the running
+        agent)."""
+        st = self.agent.status()
+        if not st or self.agent.proc is None or st.get("pid") != self.agent.pid:
+            return None
+        c = st["connectors"].get(name)
+        return None if c is None else {**c, "at": st["time"]}
 
     def run_line(self) -> None:
         assert self.publisher is not None
@@ -323,8 +375,10 @@ class Rig:
         assert self.publisher is not None
         required, _ = expected(self.publisher.cartons)
         dead = self.dead()
+        book = self.facts() if self.facts is not None else None
         return {s: sum(1 for f in required if f[0] in SINK_TYPES[s]
                        and f"{f[0]}|{f[1]}" not in dead.get(s, ()))
+                + (book.required_count(s) if book is not None else 0)
                 for s in SINKS}
 
     def unique_counts(self) -> dict[str, int]:
@@ -382,7 +436,8 @@ class Rig:
 
     def ledger(self) -> LedgerResult:
         assert self.publisher is not None
-        return account(self.holdings(), self.publisher.cartons, self.windows, self.dead())
+        return account(self.holdings(), self.publisher.cartons, self.windows, self.dead(),
+                       self.facts() if self.facts is not None else None)
 
 
 def outbox_pending(db: Path) -> dict[str, int]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .ledger import LedgerResult, summary_counts
+from .ledger import LedgerResult, account_sink, summary_counts
 from .rig import Rig, log_control_chars
 
 RSS_LIMIT_MB = 150.0
@@ -139,6 +139,7 @@ def run(sc: Scenario, workdir: Path, *, quick: bool) -> Result:
                   clock_offset=None if clock is None else (
                       lambda d, t: clock(d, t, size.secs)),  # type: ignore[misc]
                   **{**sc.site, **{k: v for k, v in extra.items() if not k.startswith("_")}})
+        rig.extra = extra
         rig.start()
         rig.run_line()
         sc.body(rig, size, res)
@@ -182,6 +183,19 @@ def _record(res: Result, rig: Rig, led: LedgerResult) -> None:
     res.counts = dict(summary_counts(led))
     res.ledger_lines = led.lines()
     res.log_control_lines = log_control_chars(rig.agent.log())
+    if rig.facts is not None:  # the other devices' facts alone (the table counts them too)
+        book = rig.facts()
+        per = []
+        for sink, ds in rig.holdings().items():
+            if not book.for_sink(sink)[1]:
+                continue
+            r = account_sink(sink, [d for d in ds if d.type in book.sinks], [], rig.windows,
+                             (), book)
+            per.append(f"{sink} {r.unique} held / {r.required} required (lost {r.lost}, "
+                       f"invented {r.invented}, wrong {r.wrong}, dup deliveries "
+                       f"{r.dup_deliveries}, dup facts {r.dup_facts})")
+        res.notes.append(f"device facts ({', '.join(sorted(book.sinks))}), of the table's "
+                         f"counts: {'; '.join(per)}")
 
 
 # --- helpers used by scenario bodies ----------------------------------------------------------
@@ -393,10 +407,224 @@ def teardown_disk_full(extra: dict[str, Any]) -> None:
             pass
 
 
-def body_not_built(why: str) -> Callable[[Rig, Size, Result], None]:
-    def body(rig: Rig, size: Size, res: Result) -> None:
-        raise NotImplementedError(why)
-    return body
+def until(pred: Callable[[], Any], timeout_secs: float, every: float = 0.1) -> Any:
+    """Poll ``pred`` until it gives something true (returned) or the time is up (None)."""
+    deadline = time.monotonic() + timeout_secs
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(every)
+
+
+def teardown_sims(extra: dict[str, Any]) -> None:
+    sims = extra.get("_sims")
+    if sims is not None:
+        sims.close()
+
+
+# --- an OPC UA server refusing our certificate ------------------------------------------------
+
+SORTER_RATE = 5.0  # scripted sorter cartons per second once the agent is trusted
+DEVICE_TIMEOUT_SECS = 60.0  # for a device state to show in the agent's status
+
+
+def setup_opcua_cert(workdir: Path) -> dict[str, Any]:
+    from .devices import INDUCTED, SORTED, OpcuaSorter, SimLoop
+
+    sims = SimLoop(workdir / "sims.log")
+    try:
+        sorter = OpcuaSorter(sims, workdir)
+    except BaseException:
+        sims.close()
+        raise
+    return {"_sims": sims, "_sorter": sorter, "devices": sorter.site_device(),
+            "rules": sorter.site_rules(), "wms_types": (INDUCTED, SORTED),
+            "offline_at_start": frozenset({sorter.DEVICE})}
+
+
+def body_opcua_cert(rig: Rig, size: Size, res: Result) -> None:
+    """The sorter's server (Basic256Sha256/SignAndEncrypt) refuses the agent's certificate at
+    CreateSession while the MQTT line runs: the agent must keep running and retrying, show
+    the sorter offline with an error naming its certificate file and saying the server must
+    trust it; once the server trusts it, the sorter comes online by itself and its scripted
+    cartons (induct, then divert) are obligations like the line's."""
+    from .devices import OpcuaSorter
+
+    sorter: OpcuaSorter = rig.extra["_sorter"]
+    rig.facts = sorter.facts
+    dev, cert = sorter.CONNECTOR, str(sorter.agent_cert)
+
+    def refused_clearly() -> dict[str, Any] | None:
+        c = rig.connector(dev)
+        err = (c or {}).get("last_error") or ""
+        ok = (c is not None and sorter.refused() >= 2 and c["state"] == "offline"
+              and cert in err and "must trust" in err)
+        return c if ok else None
+
+    seen = until(refused_clearly, DEVICE_TIMEOUT_SECS, 0.2)
+    if seen is None:
+        res.misses.append(f"{dev} not shown offline with an error naming {cert} and saying the "
+                          f"server must trust it within {DEVICE_TIMEOUT_SECS:.0f} s (server "
+                          f"refused {sorter.refused()} sessions); status: {rig.connector(dev)}")
+    else:
+        res.notes.append(f"server refused {sorter.refused()} sessions in the agent's first "
+                         f"{time.time() - rig.started_at:.0f} s; agent status: {dev} "
+                         f"{seen['state']} (restarts {seen['restarts']}), last_error: "
+                         f"{seen['last_error']}")
+    hold(2.0)  # refused a while longer, the line running
+    t = time.time()
+    sorter.trust_agent()
+    online = until(lambda: (c := rig.connector(dev)) is not None and c["state"] == "online",
+                   DEVICE_TIMEOUT_SECS)
+    if not online:
+        res.misses.append(f"{dev} not online within {DEVICE_TIMEOUT_SECS:.0f} s of the server "
+                          f"trusting the agent's certificate; status: {rig.connector(dev)}")
+        return
+    res.notes.append(f"{dev} online {time.time() - t:.1f} s after the server trusted the "
+                     f"agent's certificate ({sorter.refused()} sessions refused in all; the "
+                     f"agent was not restarted; the wait is the connector's backoff, grown "
+                     f"while refused, capped at 30 s)")
+    sorter.start_line(SORTER_RATE)
+    hold(size.secs)
+    if not sorter.stop_line(30):
+        res.misses.append("the sorter did not confirm every scripted carton in 30 s")
+    book = sorter.facts()
+    res.notes.append(f"sorter: {len(sorter.scripted)} scripted cartons at {SORTER_RATE:.0f}/s once "
+                     f"online (known ids, barcodes and lanes): {len(book.required)} facts "
+                     f"(carton_inducted, carton_sorted with its lane) required at the WMS and "
+                     f"the bus, counted in the table with the line's")
+
+
+# --- Modbus exception responses and silence ---------------------------------------------------
+
+WEIGH_RATE = 2.0  # checkweigher weighings per second
+EXCEPTION_RATE = 0.25  # of the reads answered SERVER DEVICE BUSY in the exception phase
+ANSWER_SECS = 4.0  # the device answering between two silences
+RECOVERY_TARGET_SECS = 8.0  # online again after the device answers again (not ~30 s)
+
+
+def setup_modbus(workdir: Path) -> dict[str, Any]:
+    from .devices import WEIGHED, ModbusCheckweigher, SimLoop
+
+    sims = SimLoop(workdir / "sims.log")
+    try:
+        cw = ModbusCheckweigher(sims, rate=WEIGH_RATE)
+    except BaseException:
+        sims.close()
+        raise
+    return {"_sims": sims, "_cw": cw, "devices": cw.site_device(), "rules": cw.site_rules(),
+            "wms_types": (WEIGHED,)}
+
+
+def body_modbus(rig: Rig, size: Size, res: Result) -> None:
+    """A Modbus checkweigher (CW2) weighing twice a second beside the MQTT line: first it
+    answers a quarter of the reads with SERVER DEVICE BUSY (it answers: never offline, every
+    exception counted in the status), then ``size.restarts`` times it goes silent (requests
+    swallowed), answers again, its server goes down (connections refused), answers again.
+    Every weighing the device answered a read of is an obligation; offline while silent;
+    online again within a few seconds of answering (the backoff starts over once online)."""
+    from .devices import ModbusCheckweigher
+
+    cw: ModbusCheckweigher = rig.extra["_cw"]
+    rig.facts = cw.facts
+    dev = cw.CONNECTOR
+    cw.start_line()
+    try:
+        _modbus_phases(rig, size, res, cw, dev)
+    finally:
+        cw.stop_line()
+
+
+def _modbus_phases(rig: Rig, size: Size, res: Result, cw: Any, dev: str) -> None:
+    hold(2.0)
+    c0 = rig.connector(dev)
+    if c0 is None or c0["state"] != "online":
+        res.misses.append(f"{dev} not online before the faults: {c0}")
+        return
+    # 1. exception responses: an answer, not the device being offline
+    t = time.time()
+    cw.exceptions(EXCEPTION_RATE)
+    states: set[str] = set()
+    deadline = time.monotonic() + size.secs
+    while time.monotonic() < deadline:
+        c = rig.connector(dev)
+        if c is not None:
+            states.add(c["state"])
+        time.sleep(0.1)
+    cw.exceptions(0)
+    sent = cw.exceptions_sent()
+    counted = until(lambda: (c := rig.connector(dev)) is not None
+                    and sum(c["exception_responses"].values()) == sent and c, 10)
+    c1 = counted or rig.connector(dev) or {}
+    n_exc = sum(c1.get("exception_responses", {}).values())
+    res.notes.append(f"exception phase {size.secs:.0f} s: {sent} reads answered SERVER DEVICE "
+                     f"BUSY ({EXCEPTION_RATE:.0%}); agent status counts "
+                     f"{c1.get('exception_responses')}; states seen {sorted(states)}, "
+                     f"restarts {c0['restarts']} -> {c1.get('restarts')}")
+    if sent == 0:
+        res.misses.append("the device sent no exception response: the phase proved nothing")
+    if n_exc != sent:
+        res.misses.append(f"status counts {n_exc} exception responses, the device sent {sent}")
+    left = c1.get("restarts") != c0["restarts"] or (c1.get("since") or 0) > t
+    if states != {"online"} or left:
+        res.misses.append(f"{dev} left online while answering with exceptions: states "
+                          f"{sorted(states)}, restarts {c0['restarts']} -> {c1.get('restarts')}")
+    # 2. silences: offline while silent, online again soon after it answers again
+    recoveries: list[str] = []
+    silences: list[tuple[float, float]] = []
+    for _ in range(max(1, size.restarts)):
+        for mode in ("silent", "down"):
+            t = time.time()
+            cw.silent(True) if mode == "silent" else cw.server_down()
+            offline_at: float | None = None
+            deadline = time.monotonic() + size.outage_secs
+            while time.monotonic() < deadline:
+                c = rig.connector(dev)
+                if offline_at is None and c is not None and c["state"] == "offline":
+                    offline_at = time.time()
+                time.sleep(0.1)
+            back = time.time()
+            cw.silent(False) if mode == "silent" else cw.server_up()
+            what = ("requests swallowed" if mode == "silent" else "server down, refused")
+            if offline_at is None:
+                res.misses.append(f"{dev} never shown offline while silent ({what}) for "
+                                  f"{size.outage_secs:.0f} s")
+            up = until(lambda back=back: (c := rig.connector(dev)) is not None
+                       and c["state"] == "online" and c["since"] >= back and c,
+                       DEVICE_TIMEOUT_SECS)
+            if not up:
+                res.misses.append(f"{dev} not online within {DEVICE_TIMEOUT_SECS:.0f} s of "
+                                  f"answering again ({what})")
+                recoveries.append(f"{what}: not online")
+                silences.append((t, time.time()))
+                continue
+            silences.append((t, up["since"]))
+            rec = up["since"] - back
+            recoveries.append(f"{what} {size.outage_secs:.0f} s: offline after "
+                              f"{(offline_at or back) - t:.1f} s, online {rec:.1f} s after it "
+                              f"answered again")
+            if rec > RECOVERY_TARGET_SECS:
+                res.misses.append(f"{dev} online {rec:.1f} s after answering again ({what}), "
+                                  f"target <= {RECOVERY_TARGET_SECS:.0f} s")
+            hold(ANSWER_SECS)
+    res.notes += recoveries
+    ws = list(cw.weighings)
+    # From a second before a silence until the agent had the device online again, a
+    # weighing may be overwritten before the agent could read it (it sees a counter gap).
+    # Outside those, every weighing must have been read: the agent polls 10x faster.
+    quiet = [w for w in ws if any(a - 1.0 <= w.at <= b + 0.5 for a, b in silences)]
+    recent = time.time() - 1.0  # the line still runs: the latest may not be read yet
+    unread = [w.tracking_id for w in ws if not w.served and w not in quiet and w.at < recent]
+    res.notes.append(f"checkweigher: {len(ws)} weighings at {WEIGH_RATE:.0f}/s, "
+                     f"{sum(w.served for w in ws)} answered to the agent (obligations, required "
+                     f"at the WMS and the bus), {sum(not w.served for w in quiet)} overwritten "
+                     f"unread while silent or until the agent was back (a counter gap)")
+    if unread:
+        res.misses.append(f"weighings overwritten unread while the device answered and the "
+                          f"agent was online: {unread[:5]} ({len(unread)})")
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -431,13 +659,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("power_cut", "power-cut approximation (freeze, copy, kill -9, restore)",
                  Size(rate=300, secs=0, kills=6), Size(rate=100, secs=0, kills=2),
                  body_power_cut),
-        Scenario("opcua_cert", "an OPC UA server refusing our certificate",
-                 Size(rate=100, secs=20), Size(rate=100, secs=10),
-                 body_not_built("not built yet: needs a site with an OPC UA device and an "
-                                "asyncua server that does not trust the agent's certificate")),
-        Scenario("modbus", "Modbus exception responses and silence",
-                 Size(rate=100, secs=20), Size(rate=100, secs=10),
-                 body_not_built("not built yet: needs a site with a Modbus device and the "
-                                "simulators' exception/silence modes")),
+        Scenario("opcua_cert", "an OPC UA server refusing our certificate, then trusting it",
+                 Size(rate=300, secs=60), Size(rate=100, secs=8), body_opcua_cert,
+                 setup=setup_opcua_cert, teardown=teardown_sims),
+        Scenario("modbus", "Modbus exception responses (25% busy), then silent, then down",
+                 Size(rate=300, secs=60, outage_secs=5, restarts=3),
+                 Size(rate=100, secs=8, outage_secs=5, restarts=1), body_modbus,
+                 setup=setup_modbus, teardown=teardown_sims),
     ]
 }
