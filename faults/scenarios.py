@@ -557,7 +557,7 @@ def _modbus_phases(rig: Rig, size: Size, res: Result, cw: Any, dev: str) -> None
     cw.exceptions(0)
     sent = cw.exceptions_sent()
     counted = until(lambda: (c := rig.connector(dev)) is not None
-                    and sum(c["exception_responses"].values()) == sent and c, 10)
+                    and sum(c.get("exception_responses", {}).values()) == sent and c, 10)
     c1 = counted or rig.connector(dev) or {}
     n_exc = sum(c1.get("exception_responses", {}).values())
     res.notes.append(f"exception phase {size.secs:.0f} s: {sent} reads answered SERVER DEVICE "
@@ -623,8 +623,9 @@ def _modbus_phases(rig: Rig, size: Size, res: Result, cw: Any, dev: str) -> None
                      f"at the WMS and the bus), {sum(not w.served for w in quiet)} overwritten "
                      f"unread while silent or until the agent was back (a counter gap)")
     if unread:
-        res.misses.append(f"weighings overwritten unread while the device answered and the "
-                          f"agent was online: {unread[:5]} ({len(unread)})")
+        res.misses.append(f"weighings overwritten unread while the device answered (outside "
+                          f"the silences and the reconnects after them): {unread[:5]} "
+                          f"({len(unread)})")
 
 
 SCENARIOS: dict[str, Scenario] = {
