@@ -10,7 +10,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from faults.ledger import Delivery, Window, account_sink
+from faults.ledger import Delivery, FactBook, Window, account_sink
 from faults.publisher import Carton
 from faults.rig import log_control_chars
 from simulators.receiver import BATCH, ControlError, Receiver
@@ -98,6 +98,33 @@ def test_ledger_finds_wrong_values_and_out_of_order():
     ]
     r = account_sink("wms", ds, cartons, [])
     assert (r.wrong, r.out_of_order, r.lost, r.invented) == (1, 1, 0, 0), r.examples
+
+
+def test_ledger_judges_device_facts_from_a_factbook():
+    """Facts of devices other than the publisher's (a weighing, a sort) count like the
+    line's: lost, invented, wrong values, duplicate facts; a fact only allowed may be
+    missing; a sink that does not take the type holds nothing of it."""
+    book = FactBook(
+        required={("carton_weighed", "W1"): {"weight_g": 512.5, "seq": 1},
+                  ("carton_weighed", "W2"): {"weight_g": 600.0, "seq": 2},
+                  ("carton_sorted", "S1"): {"lane": 4, "disposition": "sorted"}},
+        allowed={("carton_weighed", "W3")},  # overwritten unread: may be missing
+        sinks={"carton_weighed": frozenset({"wms", "bus"}),
+               "carton_sorted": frozenset({"wms", "bus"})})
+    ds = [
+        _d("a", "carton_weighed", "W1", 1.0, 10.0, weight_g=512.5, seq=1),
+        _d("b", "carton_weighed", "W1", 1.0, 10.5, weight_g=512.5, seq=1),  # dup fact
+        _d("c", "carton_sorted", "S1", 1.0, 11.0, lane=5, disposition="sorted"),  # wrong lane
+        _d("d", "carton_weighed", "W9", 1.0, 12.0, weight_g=1.0, seq=9),  # invented
+    ]  # W2 lost, W3 allowed and missing
+    r = account_sink("wms", ds, [], [], (), book)
+    assert (r.required, r.lost, r.invented, r.wrong, r.dup_facts) == (3, 1, 1, 1, 1), r.examples
+    assert book.required_count("erp") == 0 and book.required_count("bus") == 3
+    ok = [_d("a", "carton_weighed", "W1", 1.0, 10.0, weight_g=512.5, seq=1),
+          _d("e", "carton_weighed", "W2", 1.0, 10.0, weight_g=600.004, seq=2),  # float32
+          _d("c", "carton_sorted", "S1", 1.0, 11.0, lane=4, disposition="sorted")]
+    r = account_sink("bus", ok, [], [], (), book)
+    assert (r.lost, r.invented, r.wrong, r.dup_facts) == (0, 0, 0, 0), r.examples
 
 
 def test_log_control_chars():
