@@ -3,6 +3,8 @@
     python -m faults.run                  every scenario, full size (long: about an hour)
     python -m faults.run --quick          every scenario, the short tier's sizes
     python -m faults.run kill9 wms_down   only these
+    python -m faults.run --merge modbus   only these, their rows and sections replaced in
+                                          bench/faults.md (the other scenarios' kept)
 
 Exits non-zero when any target is missed, a scenario breaks, or one is not built yet: a miss
 is printed and written to the table, never hidden. A scenario that cannot run on this machine
@@ -111,12 +113,63 @@ def table(results: list[Result], *, quick: bool, started: str, secs: float) -> s
     return "\n".join(rows) + "\n"
 
 
+def _split(text: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """A results file: (header lines up to the table, rows by scenario, sections by
+    scenario)."""
+    lines = text.rstrip("\n").split("\n")
+    header: list[str] = []
+    rows: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    i = 0
+    while i < len(lines) and not lines[i].startswith("| scenario |"):
+        header.append(lines[i])
+        i += 1
+    i += 2  # the column names and the |---| line
+    while i < len(lines) and lines[i].startswith("| "):
+        rows[lines[i].split("|")[1].strip()] = lines[i]
+        i += 1
+    current: list[str] | None = None
+    for line in lines[i:]:
+        if line.startswith("### "):
+            current = sections[line[4:].split(":", 1)[0].strip()] = [line]
+        elif current is not None:
+            current.append(line)
+    return header, rows, {k: "\n".join(v).rstrip("\n") for k, v in sections.items()}
+
+
+def merge(old: str, new: str, updated: str) -> str:
+    """``new`` (a table of some scenarios) into ``old`` (a whole table): their rows and
+    sections replace the old ones, the others are kept; ``updated`` is added to the header
+    (what was run again, when, at which sizes)."""
+    old_header, old_rows, old_sections = _split(old)
+    _, new_rows, new_sections = _split(new)
+    rows = {**old_rows, **new_rows}
+    sections = {**old_sections, **new_sections}
+    order = [n for n in SCENARIOS if n in rows] + [n for n in rows if n not in SCENARIOS]
+    head = list(old_header)
+    while head and not head[-1].strip():
+        head.pop()
+    at = next((i for i, h in enumerate(head) if h.startswith("Machine:")), len(head))
+    head.insert(at, updated)
+    head.insert(at + 1, "")
+    new_lines = new.split("\n")
+    cols = next(i for i, line in enumerate(new_lines) if line.startswith("| scenario |"))
+    out = [*head, "", *new_lines[cols:cols + 2], *(rows[n] for n in order), "",
+           "## Per scenario", ""]
+    for n in order:
+        if n in sections:
+            out += [sections[n], ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m faults.run", description=__doc__.split("\n")[0])
     p.add_argument("scenarios", nargs="*", help=f"any of: {', '.join(SCENARIOS)}")
     p.add_argument("--quick", action="store_true", help="the short tier's sizes")
     p.add_argument("--out", type=Path, default=OUT, help="results table (markdown)")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs here (default: temp)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only these scenarios' rows and sections in --out, keep the rest")
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
@@ -139,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in r.misses:
             print(f"   missed: {m}", flush=True)
     text = table(results, quick=args.quick, started=started, secs=time.monotonic() - t0)
+    if args.merge and args.out.exists():
+        text = merge(args.out.read_text(), text,
+                     f"Updated: {', '.join(names)} by `make faults` "
+                     f"({'--quick sizes' if args.quick else 'full sizes'}) on {started}, "
+                     f"{(time.monotonic() - t0) / 60:.1f} min; the other rows are from the "
+                     f"run above.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     (base / "faults.json").write_text(

@@ -130,3 +130,22 @@ def test_ledger_judges_device_facts_from_a_factbook():
 def test_log_control_chars():
     assert log_control_chars("ok line\nalso\tfine\r\n") == 0
     assert log_control_chars("a\x00b\nfine\nesc \x1b[31m\n") == 2
+
+
+def test_runner_merges_some_scenarios_into_a_whole_table():
+    from faults.run import merge, table
+    from faults.scenarios import Result
+
+    def results(status: str, *names: str) -> list[Result]:
+        return [Result(n, f"title {n}", status=status, notes=[f"{n} {status}"]) for n in names]
+
+    whole = table(results("FAIL", "baseline", "kill9", "modbus"), quick=True, started="then",
+                  secs=60)
+    part = table(results("PASS", "modbus", "opcua_cert"), quick=True, started="now", secs=60)
+    out = merge(whole, part, "Updated: modbus, opcua_cert on now")
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ")]
+    assert [(n.strip(), s.strip()) for n, s in rows[1:]] == [
+        ("baseline", "FAIL"), ("kill9", "FAIL"), ("opcua_cert", "PASS"), ("modbus", "PASS")]
+    assert "- modbus PASS" in out and "- modbus FAIL" not in out and "- kill9 FAIL" in out
+    assert out.count("### ") == 4 and "Updated: modbus, opcua_cert on now" in out
+    assert "on then" in out  # the header of the whole run is kept
