@@ -324,26 +324,38 @@ class Agent:
         return True
 
     async def _maintenance(self) -> None:
-        """Keep the outbox within its quota: prune, give space back, checkpoint the WAL.
+        """Keep the outbox within its quota and its disk: prune, give space back, checkpoint
+        the WAL.
 
         Every MAINTENANCE_SECS, and at once (then at most every CROWDED_SECS) when a commit
-        finds the outbox crowded (near its quota), when delivered events are pruned whatever
-        their retention. The quota itself is checked by the committer at every commit.
+        finds the outbox crowded (near its quota, its filesystem under the free space kept,
+        the disk full, settles made while a batch waits for room), when delivered events
+        are pruned whatever their retention. The quota and the free space are checked by
+        the committer at every commit, and here after each round (ingest paused makes few
+        commits: the space given back here is what lets it resume).
         """
         c, store = self.committer, self.store
         assert c and store
         ob = self.site.outbox
         await c.run_db(store.set_limits, ob.max_disk_mb * 2**20)
         c.quota_bytes = ob.max_disk_mb * 2**20
+        c.min_free_bytes = min(
+            ob.min_free_disk_mb * 2**20,
+            int(store.disk_total_bytes() * ob.min_free_disk_percent / 100),
+        )
         c.on_pressure = self._on_pressure
+        reserve = c.min_free_bytes  # the reserve file holds up to this (see make_reserve)
+        if not reserve or store.reserve_path.exists() or store.free_bytes() >= 2 * reserve:
+            await c.run_db(store.make_reserve, reserve)
         c.check_quota()
+        c.check_disk()
         failing = ""
         while True:
             try:
                 await asyncio.wait_for(c.crowded.wait(), MAINTENANCE_SECS)
             except TimeoutError:
                 pass
-            crowded = c.crowded.is_set() or c.over_quota
+            crowded = c.crowded.is_set() or c.over_quota or c.low_disk or bool(c.full_since)
             c.crowded.clear()
             now = self.clock.now()
             step = functools.partial(
@@ -361,6 +373,9 @@ class Agent:
                     log.error("outbox maintenance failed (retried): %s", exc)
                 failing = str(exc)
             c.check_quota()
+            c.check_disk()
+            if reserve and not store.reserve_held and not c.low_disk and c.full_since is None:
+                await c.run_db(store.make_reserve, reserve)  # room is back: hold it again
             if crowded:
                 await asyncio.sleep(CROWDED_SECS)
 
@@ -378,7 +393,8 @@ class Agent:
                     detail,
                 )
         elif self.pause_causes.pop(kind, None) is not None and kind != "disk_full":
-            log.warning("outbox back under its quota")
+            log.warning("outbox back under its quota" if kind == "quota" else
+                        "outbox's filesystem has room again")
         paused = bool(self.pause_causes)
         if paused == self.ingest_paused:
             return
@@ -451,6 +467,9 @@ class Agent:
                 "wal_bytes": self.store.wal_bytes if self.store else 0,
                 "quota_bytes": self.committer.quota_bytes,
                 "disk_full_since": self.committer.full_since,
+                # free space on its filesystem as of the last check, and the floor kept
+                "disk_free_bytes": self.committer.disk_free_bytes,
+                "min_free_disk_bytes": self.committer.min_free_bytes,
             },
             "sinks": {
                 d.name: {

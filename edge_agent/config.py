@@ -378,6 +378,19 @@ class OutboxConfig(Model):
         "commit: over it ingest pauses (business events already made are kept, devices' "
         "messages wait upstream) and resumes under 90% of it.",
     )
+    min_free_disk_mb: int = Field(
+        256, ge=0,
+        description="Free space kept on the outbox's filesystem, checked at every commit: "
+        "under it ingest pauses (as over the quota) while there is still room to mark "
+        "deliveries done, prune and checkpoint, so the outbox never fills its disk; it "
+        "resumes once twice this is free again. On a small filesystem the smaller of this "
+        "and min_free_disk_percent of its size applies; 0 turns the check off.",
+    )
+    min_free_disk_percent: float = Field(
+        5.0, ge=0, le=50,
+        description="The reserve as a share of the filesystem's size, when smaller than "
+        "min_free_disk_mb (see there).",
+    )
     commit_interval_ms: float = Field(
         10.0, ge=0, le=1000, description="Longest an event waits to join a group commit."
     )

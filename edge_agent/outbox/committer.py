@@ -8,7 +8,13 @@ sink's ``Feed`` and the dispatchers are woken.
 A full disk (``OutboxFull``) is ridden out: the committer reports it once through
 ``on_pressure("disk_full", detail)`` (the agent pauses every connector: devices' messages stay
 unacknowledged upstream), retries the *same* sealed batch with capped backoff, and reports
-``on_pressure("disk_full", None)`` once it is durable; only then are its acks called. Any
+``on_pressure("disk_full", None)`` once it is durable; only then are its acks called. The
+dispatchers' settles are never stuck behind such a batch: while it waits, they are committed
+on their own (marking deliveries done rewrites pages already there), so that delivered events
+can be pruned and the outbox give space back even when it filled the disk itself. To not
+meet that wall at all, the free space of the outbox's filesystem is checked after every
+commit (``min_free_bytes``): under it ingest pauses (``"disk_low"``) while there is still room
+for settles, pruning and checkpoints, and resumes once twice that is free. Any
 other commit failure is fatal for the agent: nothing of that batch was acknowledged, so the
 broker redelivers it after a restart; continuing would mean acknowledging nothing forever.
 """
@@ -24,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import StoreError
-from .batch import Batch, SealedBatch
+from .batch import Batch, SealedBatch, Settle
 from .store import OutboxFull, Pending, Store
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,9 @@ FULL_RETRY_FIRST_SECS = 0.2  # a commit that found the disk full is retried afte
 FULL_RETRY_MAX_SECS = 5.0  # doubling up to this
 CROWDED_FRACTION = 0.8  # of the quota: maintenance prunes delivered events now, retention or not
 RESUME_FRACTION = 0.9  # of the quota: ingest paused by the quota resumes under this
+DISK_RESUME_FACTOR = 2  # ingest paused for free space resumes at this many times the floor
+SETTLE_CHUNK = 2000  # settles per settles-only commit (about 100 KB of WAL)
+DISK_CROWDED_FACTOR = 4  # under this many times the floor, delivered events are pruned at once
 
 
 class Feed:
@@ -102,6 +111,15 @@ class Committer:
         self.quota_bytes = 0
         self.over_quota = False
         self.crowded = asyncio.Event()  # over CROWDED_FRACTION of the quota: prune now
+        # Free space kept on the outbox's filesystem (bytes; 0: not checked), checked after
+        # every commit (one statvfs): under it ingest pauses ("disk_low").
+        self.min_free_bytes = 0
+        self.low_disk = False
+        self.disk_free_bytes = 0  # as of the last check
+        # Settles taken out of a batch that found no room, not durable yet (in order): the
+        # next commit of any kind carries them first.
+        self._loose: list[Settle] = []
+        self.settle_commits = 0  # settles-only commits made while a batch was held
 
     def listen(self) -> asyncio.Event:
         """An event set after every commit that added business events (for a dispatcher)."""
@@ -110,7 +128,11 @@ class Committer:
         return ev
 
     def durable_after(self) -> int:
-        """The value ``commits`` reaches once what is in ``batch`` now is durable."""
+        """The value ``commits`` reaches once the settles in ``batch`` now are durable.
+
+        For settles only: the settles-only commits made while a batch is held on a full
+        disk count too (each carries every settle waiting, so it is never early for them).
+        """
         return self.commits + (2 if self.flushing else 1)
 
     def feed(self, sink: str) -> Feed:
@@ -134,7 +156,7 @@ class Committer:
     async def run(self) -> None:
         """The flusher task; returns after ``close()`` once the last batch is durable."""
         while True:
-            if not self.batch:
+            if not self.batch and not self._loose:
                 if self._closing:
                     return
                 self._wake.clear()
@@ -149,6 +171,9 @@ class Committer:
 
     async def _flush(self) -> None:
         b, self.batch = self.batch, Batch()
+        if self._loose:
+            b.settles[:0] = self._loose
+            self._loose = []
         if not b and not b.acks:
             return
         t0 = time.perf_counter()
@@ -168,6 +193,7 @@ class Committer:
         self.last_commit_ms = (time.perf_counter() - t0) * 1000
         if self.quota_bytes:
             self.check_quota()
+        self.check_disk()
         self.commits += 1
         self.committed_events += len(b.events)
         self.committed_inputs += len(b.inputs)
@@ -180,10 +206,18 @@ class Committer:
                 ev.set()
 
     async def _commit(self, sealed: SealedBatch) -> bool:
-        """Commit ``sealed``; while the disk is full, pause ingest and retry the same batch."""
+        """Commit ``sealed``; while the disk is full, pause ingest and retry the same batch.
+
+        While it waits, the settles go on their own; the batch itself is tried again only
+        once the free-space floor is back (the room released by the full disk is for the
+        settles and pruning that give space back, not for this batch)."""
         delay = FULL_RETRY_FIRST_SECS
         while True:
             try:
+                if self.full_since is not None and self.min_free_bytes:
+                    self.check_disk()
+                    if self.store.free_for_ingest() < self.min_free_bytes:
+                        raise OutboxFull("still under the free-space floor")
                 all_new = await self.run_db(self.store.commit, sealed)
                 break
             except OutboxFull as exc:
@@ -194,17 +228,69 @@ class Committer:
                         "upstream; the commit is retried until there is room", exc,
                     )
                     self._pressure("disk_full", str(exc))
+                    self.crowded.set()
+                if sealed.settles:  # not held with the batch: they go on their own
+                    self._loose[:0] = sealed.settles
+                    sealed.settles = []
+                self.check_disk()
+                await self._commit_settles()
                 self.full_retries += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FULL_RETRY_MAX_SECS)
         if self.full_since is not None:
             log.warning(
-                "outbox %s has room again after %.0f s: commit done, ingest resumed",
+                "outbox %s has room again after %.0f s: the commit that waited for it is done",
                 self.store.path, time.time() - self.full_since,
             )
             self.full_since = None
             self._pressure("disk_full", None)
         return all_new
+
+    async def _commit_settles(self) -> None:
+        """Commit the settles waiting (those of the held batch, then the dispatchers' new
+        ones) on their own; on no room either, keep them, in order, for the next try."""
+        settles = self._loose + self.batch.settles
+        if not settles:
+            return
+        self.batch.settles = []
+        self._loose = settles
+        # In chunks (each a small transaction); a commit counts once all of them are in.
+        while self._loose:
+            chunk = self._loose[:SETTLE_CHUNK]
+            try:
+                await self.run_db(self.store.commit, SealedBatch([], [], [], [], [], [], chunk))
+            except OutboxFull:
+                return
+            del self._loose[: len(chunk)]
+            self.crowded.set()  # what was delivered can be pruned now
+        self.commits += 1  # settles' durable_after() is met (never early: see there)
+        self.settle_commits += 1
+        for ev in self._listeners:
+            ev.set()
+
+    def check_disk(self) -> None:
+        """Pause or resume ingest for the free space kept on the outbox's filesystem."""
+        r = self.min_free_bytes
+        if not r:
+            return
+        free = self.store.free_for_ingest()
+        self.disk_free_bytes = self.store.free_bytes()
+        if free < r * DISK_CROWDED_FACTOR:
+            self.crowded.set()
+        if not self.low_disk:
+            if free < r:
+                self.low_disk = True
+                self.crowded.set()
+                self._pressure(
+                    "disk_low",
+                    f"only {self.disk_free_bytes / 2**20:.1f} MB free on the filesystem of "
+                    f"outbox {self.store.path}, under the "
+                    f"{(r + self.disk_free_bytes - free) / 2**20:.1f} MB kept free for marking "
+                    f"deliveries done, pruning and checkpoints",
+                )
+        elif free >= r * DISK_RESUME_FACTOR:
+            self.low_disk = False
+            self._pressure("disk_low", None)
 
     def check_quota(self) -> None:
         """Pause or resume ingest for the quota, from the store's last measured size."""

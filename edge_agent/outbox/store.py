@@ -16,6 +16,7 @@ Tables:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -36,12 +37,14 @@ log = logging.getLogger(__name__)
 PENDING, DELIVERED, DEAD = 0, 1, 2
 VACUUM_CONVERT_MAX_BYTES = 256 * 2**20  # an older outbox up to this is converted at open
 PRUNE_CHUNK = 2000  # rows per pruning transaction (commits go on between them)
+PRUNE_WAL_PER_ROW = 1024  # about what pruning one event writes to the WAL (bytes, generous)
 VACUUM_CHUNK_PAGES = 4096  # pages given back per incremental vacuum step
 # What SQLite says when a write finds no room: SQLITE_FULL (ENOSPC on a write, or
 # max_page_count reached); growing the shared-memory index or the WAL can fail as an I/O
 # error instead, which we take for the same only when the filesystem is indeed out of space.
 _FULL_IOERRS = {"SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_TRUNCATE"}
 _LOW_FREE_BYTES = 1 << 20
+RESERVE_FILE_MAX_BYTES = 64 * 2**20  # the reserve file (see ``make_reserve``) is at most this
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
 SCHEMA_VERSION = 2  # 2: inputs keyed by msg_id
 
@@ -77,6 +80,11 @@ class Store:
         self.file_bytes = 0  # the database file
         self.wal_bytes = 0
         self._prune_from = 0  # events below this seq were examined by ``prune_step``
+        # A file holding space for the outbox's own use when its disk is full (see
+        # ``make_reserve``): released at the first write that finds no room.
+        self.reserve_path = Path(f"{self.path}-reserve")
+        self.reserve_bytes = 0  # its size when present (0: none wanted)
+        self.reserve_held = False  # it exists, at its size
         self.db = sqlite_utils.Database(conn)
         self._durable()
         if check_integrity:
@@ -104,6 +112,9 @@ class Store:
             # commits (index tails, rule state) reach the main file once, not four times.
             c.execute("PRAGMA wal_autocheckpoint=4000")
             c.execute("PRAGMA foreign_keys=OFF")
+            # Freed pages are not zeroed (this build's default): zeroing doubles what pruning
+            # writes to the WAL, which a nearly full disk may not have room for.
+            c.execute("PRAGMA secure_delete=FAST")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot configure outbox {self.path}: {exc}") from exc
         if mode.lower() != "wal" or sync != 2:
@@ -204,10 +215,12 @@ class Store:
 
     def set_limits(self, quota_bytes: int) -> None:
         """Bound the outbox for a disk quota: the WAL is checkpointed and cut back to a
-        sixteenth of it (at most 16 MB), and the file cannot grow past the quota plus an
-        eighth (a hard stop, met as ``OutboxFull``, should the soft pause come too late)."""
+        sixteenth of it, or of its filesystem when smaller (at most 16 MB), and the file
+        cannot grow past the quota plus an eighth (a hard stop, met as ``OutboxFull``,
+        should the soft pause come too late)."""
         ps = self.page_size
-        wal_pages = max(100, min(4000, quota_bytes // 16 // ps))
+        room = min(quota_bytes, self.disk_total_bytes() or quota_bytes)
+        wal_pages = max(100, min(4000, room // 16 // ps))
         c = self.conn
         c.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
         c.execute(f"PRAGMA journal_size_limit={wal_pages * ps}")
@@ -318,6 +331,7 @@ class Store:
     def _error(self, what: str, exc: sqlite3.Error) -> StoreError:
         name = getattr(exc, "sqlite_errorname", "")
         if name == "SQLITE_FULL" or (name in _FULL_IOERRS and self.free_bytes() < _LOW_FREE_BYTES):
+            self.release_reserve()
             return OutboxFull(
                 f"disk full or outbox at its size limit: cannot write {self.path} "
                 f"({self.free_bytes() / 2**20:.1f} MB free on its filesystem; SQLite: {exc})"
@@ -325,8 +339,71 @@ class Store:
         return StoreError(f"outbox {what} failed: {exc}")
 
     def free_bytes(self) -> int:
+        """Free space on the outbox's filesystem now (one statvfs)."""
         try:
             return shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return 0
+
+    def make_reserve(self, size: int) -> bool:
+        """Hold ``size`` bytes of the filesystem in ``<outbox>-reserve`` (allocated, not
+        written), unless held already or the room is not there. Released when a write finds
+        the disk full (the outbox filled it past its free-space floor, or another program
+        did): marking deliveries done, pruning and checkpoints then have room, so the
+        outbox can give space back. At most RESERVE_FILE_MAX_BYTES. Returns whether it is
+        held."""
+        size = min(size, RESERVE_FILE_MAX_BYTES)
+        self.reserve_bytes = size
+        if size <= 0:  # none wanted: one left by an earlier run is given back
+            self.reserve_path.unlink(missing_ok=True)
+            self.reserve_held = False
+            return False
+        if self.reserve_held:
+            return True
+        try:  # a file left by an earlier run is kept and completed (a partial one, too)
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                if os.fstat(fd).st_size > size:
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("no reserve file %s (%s): a full disk may then need an "
+                            "operator to free space", self.reserve_path, exc)
+                self.reserve_bytes = 0
+            return False
+        self.reserve_held = True
+        return True
+
+    def free_for_ingest(self) -> int:
+        """Free space on the filesystem, less what the reserve file would hold were it
+        there (it is made again before ingest takes that space): one statvfs."""
+        free = self.free_bytes()
+        return free if self.reserve_held else free - self.reserve_bytes
+
+    def release_reserve(self) -> None:
+        """Give the reserve file's space back to the filesystem (for the outbox's writes)."""
+        if not self.reserve_bytes:
+            return
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot release %s: %s", self.reserve_path, exc)
+            return
+        if self.reserve_held:
+            log.warning("disk full: released the %.1f MB held in %s for the outbox's own "
+                        "writes (marking deliveries done, pruning)",
+                        self.reserve_bytes / 2**20, self.reserve_path)
+        self.reserve_held = False
+
+    def disk_total_bytes(self) -> int:
+        """The size of the outbox's filesystem (0: unknown)."""
+        try:
+            return shutil.disk_usage(self.path.parent).total
         except OSError:
             return 0
 
@@ -377,27 +454,34 @@ class Store:
     def prune_step(self, *, inputs_before: float, delivered_before: float) -> int:
         """Forget, in one short transaction, up to ``PRUNE_CHUNK`` input ids seen before
         ``inputs_before`` and events created before ``delivered_before`` that every sink
-        has delivered (dead-lettered ones stay for an operator). Returns rows removed; call
+        has delivered (dead-lettered ones stay for an operator), fewer when the disk is
+        nearly full. Returns rows removed; call
         again until 0 (on the database thread: commits go on between the steps)."""
         c = self.conn
+        # On a nearly full disk, chunks small enough for the WAL to take them in the room
+        # there is (the WAL, once checkpointed, is written over: it counts as room).
+        room = self.free_bytes() + self.wal_bytes
+        limit = max(64, min(PRUNE_CHUNK, room // 4 // PRUNE_WAL_PER_ROW))
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
                 n = c.execute(
                     "DELETE FROM inputs WHERE msg_id IN (SELECT msg_id FROM inputs "
                     "WHERE seen < ? ORDER BY seen LIMIT ?)",
-                    (inputs_before, PRUNE_CHUNK),
+                    (inputs_before, limit),
                 ).rowcount
-                n += self._prune_events(delivered_before)
+                k, upto = self._prune_events(delivered_before, limit)
                 c.execute("COMMIT")
             except BaseException:
                 self._rollback()
                 raise
         except sqlite3.Error as exc:
             raise self._error("prune", exc) from exc
-        return n
+        self._prune_from = upto  # only once that is durable (a full disk rolls it back)
+        return n + k
 
-    def _prune_events(self, before: float) -> int:
+    def _prune_events(self, before: float, limit: int) -> tuple[int, int]:
+        """Delete a chunk of delivered events; returns (rows, the next ``_prune_from``)."""
         c = self.conn
         # Sinks deliver in seq order: below the first seq still pending anywhere, every
         # delivery is settled (delivered or dead).
@@ -411,13 +495,13 @@ class Store:
         hi = None
         for seq, created in c.execute(
             "SELECT seq, created FROM events WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT ?",
-            (lo, low, PRUNE_CHUNK),
+            (lo, low, limit),
         ).fetchall():
             if created >= before:  # events are created in seq order: the rest are newer
                 break
             hi = seq
         if hi is None:
-            return 0
+            return 0, lo
         c.execute(
             "DELETE FROM deliveries WHERE seq BETWEEN ?1 AND ?2 AND seq NOT IN "
             "(SELECT seq FROM deliveries WHERE seq BETWEEN ?1 AND ?2 AND state != 1)",
@@ -428,8 +512,7 @@ class Store:
             "(SELECT seq FROM deliveries WHERE seq BETWEEN ?1 AND ?2)",
             (lo, hi),
         ).rowcount
-        self._prune_from = hi + 1
-        return max(n, 1)  # a chunk of dead letters only is progress too
+        return max(n, 1), hi + 1  # a chunk of dead letters only is progress too
 
     def prune(self, *, inputs_before: float, delivered_before: float) -> int:
         """Every ``prune_step`` at once (the CLI, tests). Returns rows removed."""
@@ -439,11 +522,17 @@ class Store:
         return n
 
     def compact(self) -> None:
-        """Give freed pages back to the filesystem and checkpoint the WAL, truncating it."""
+        """Give freed pages back to the filesystem and checkpoint the WAL, truncating it.
+
+        Works on a nearly full disk too: each vacuum step moves no more pages than a
+        quarter of the free space can take in the WAL, and is checkpointed before the next
+        (the file shrinks at the checkpoint and the WAL is written over from its start)."""
         c = self.conn
         try:
             while c.execute("PRAGMA freelist_count").fetchone()[0] > 0:
-                c.execute(f"PRAGMA incremental_vacuum({VACUUM_CHUNK_PAGES})").fetchall()
+                step = max(8, min(VACUUM_CHUNK_PAGES, self.free_bytes() // self.page_size // 4))
+                c.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
+                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self.measure()
         except sqlite3.Error as exc:
