@@ -285,8 +285,9 @@ class Committer:
                     "disk_low",
                     f"only {self.disk_free_bytes / 2**20:.1f} MB free on the filesystem of "
                     f"outbox {self.store.path}, under the "
-                    f"{(r + self.disk_free_bytes - free) / 2**20:.1f} MB kept free for marking "
-                    f"deliveries done, pruning and checkpoints",
+                    f"{(r + self.disk_free_bytes - free) / 2**20:.1f} MB it keeps free (a "
+                    f"{r / 2**20:.1f} MB floor, and room for its WAL and reserve file) for "
+                    f"marking deliveries done, pruning and checkpoints",
                 )
         elif free >= r * DISK_RESUME_FACTOR:
             self.low_disk = False

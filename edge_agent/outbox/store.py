@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 PENDING, DELIVERED, DEAD = 0, 1, 2
 VACUUM_CONVERT_MAX_BYTES = 256 * 2**20  # an older outbox up to this is converted at open
 PRUNE_CHUNK = 2000  # rows per pruning transaction (commits go on between them)
-PRUNE_WAL_PER_ROW = 1024  # about what pruning one event writes to the WAL (bytes, generous)
+PRUNE_WAL_PER_ROW = 1024  # the least pruning one event is taken to write to the WAL (bytes)
+PRUNE_TIGHT_BYTES = 256 * 2**20  # free space under which pruning chunks are sized to it
 VACUUM_CHUNK_PAGES = 4096  # pages given back per incremental vacuum step
 # What SQLite says when a write finds no room: SQLITE_FULL (ENOSPC on a write, or
 # max_page_count reached); growing the shared-memory index or the WAL can fail as an I/O
@@ -85,6 +86,7 @@ class Store:
         self.reserve_path = Path(f"{self.path}-reserve")
         self.reserve_bytes = 0  # its size when present (0: none wanted)
         self.reserve_held = False  # it exists, at its size
+        self.wal_limit_bytes = 0  # what the WAL is cut back to (``set_limits``)
         self.db = sqlite_utils.Database(conn)
         self._durable()
         if check_integrity:
@@ -224,6 +226,7 @@ class Store:
         c = self.conn
         c.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
         c.execute(f"PRAGMA journal_size_limit={wal_pages * ps}")
+        self.wal_limit_bytes = wal_pages * ps
         c.execute(f"PRAGMA max_page_count={(quota_bytes + quota_bytes // 8) // ps}")
 
     def measure(self) -> int:
@@ -272,16 +275,20 @@ class Store:
                         b.events,
                     )
                     all_new = cur.rowcount == len(b.events)
+                # ``updated`` is set from the start: settling a delivery then rewrites its
+                # row in place (no row grows, no page splits), which a nearly full disk
+                # has room for.
                 if b.routes and all_new:
+                    now = b.events[0][5]
                     c.executemany(
-                        "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts) "
-                        "VALUES (?, ?, 0, 0)",
-                        [(sink, seq) for sink, seq, _ in b.routes],
+                        "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts, updated) "
+                        "VALUES (?, ?, 0, 0, ?)",
+                        [(sink, seq, now) for sink, seq, _ in b.routes],
                     )
                 elif b.routes:
                     c.executemany(
-                        "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts) "
-                        "SELECT ?, seq, 0, 0 FROM events WHERE id = ?",
+                        "INSERT OR IGNORE INTO deliveries(sink, seq, state, attempts, updated) "
+                        "SELECT ?, seq, 0, 0, created FROM events WHERE id = ?",
                         [(sink, id_) for sink, _, id_ in b.routes],
                     )
                 if b.state_upserts:
@@ -379,8 +386,10 @@ class Store:
 
     def free_for_ingest(self) -> int:
         """Free space on the filesystem, less what the reserve file would hold were it
-        there (it is made again before ingest takes that space): one statvfs."""
-        free = self.free_bytes()
+        there (it is made again before ingest takes that space) and what the WAL may grow
+        back to after a checkpoint truncated it (else each truncation would look like room
+        come back): one statvfs."""
+        free = self.free_bytes() - max(0, self.wal_limit_bytes - self.wal_bytes)
         return free if self.reserve_held else free - self.reserve_bytes
 
     def release_reserve(self) -> None:
@@ -458,10 +467,21 @@ class Store:
         nearly full. Returns rows removed; call
         again until 0 (on the database thread: commits go on between the steps)."""
         c = self.conn
-        # On a nearly full disk, chunks small enough for the WAL to take them in the room
-        # there is (the WAL, once checkpointed, is written over: it counts as room).
+        limit = PRUNE_CHUNK
         room = self.free_bytes() + self.wal_bytes
-        limit = max(64, min(PRUNE_CHUNK, room // 4 // PRUNE_WAL_PER_ROW))
+        if room < PRUNE_TIGHT_BYTES:
+            # On a nearly full disk, chunks small enough for the WAL to take them in the
+            # room there is (the WAL, once checkpointed, is written over: it counts as
+            # room, once checkpointed: done first, else this step would be appended to
+            # it); deleting a row rewrites its page, so a row costs about its share of
+            # the outbox (events are numbered densely: max - min is about their count).
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.measure()
+            room = self.free_bytes() + self.wal_bytes
+            pages_bytes = self.used_bytes - self.wal_bytes
+            lo, hi = c.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+            per_row = max(PRUNE_WAL_PER_ROW, pages_bytes // (hi - lo + 1 if lo else 1))
+            limit = max(16, min(PRUNE_CHUNK, room // 4 // per_row))
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
