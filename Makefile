@@ -55,7 +55,7 @@ tests/interop/node_modules/.installed: tests/interop/package.json
 	@touch $@
 
 test: deps lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge_agent simulators tests bench

@@ -58,6 +58,8 @@ def _describe(p: psutil.Process) -> str:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if any process a test started outlives the session (then stop it)."""
+    if session.config.pluginmanager.hasplugin("dsession"):
+        return  # the pytest-xdist controller: each worker checks what its own tests started
     left = _survivors()
     if left:
         _gone, left = psutil.wait_procs(left, timeout=EXIT_GRACE_SECS)
