@@ -344,7 +344,9 @@ class Agent:
             int(store.disk_total_bytes() * ob.min_free_disk_percent / 100),
         )
         c.on_pressure = self._on_pressure
-        reserve = c.min_free_bytes  # the reserve file holds up to this (see make_reserve)
+        # The reserve file (see make_reserve): room to settle and prune an outbox of up to
+        # the quota, so an eighth of it (as the hard stop over the quota), within the floor.
+        reserve = min(c.min_free_bytes, c.quota_bytes // 8)
         if not reserve or store.reserve_path.exists() or store.free_bytes() >= 2 * reserve:
             await c.run_db(store.make_reserve, reserve)
         c.check_quota()

@@ -384,7 +384,11 @@ class OutboxConfig(Model):
         "under it ingest pauses (as over the quota) while there is still room to mark "
         "deliveries done, prune and checkpoint, so the outbox never fills its disk; it "
         "resumes once twice this is free again. On a small filesystem the smaller of this "
-        "and min_free_disk_percent of its size applies; 0 turns the check off.",
+        "and min_free_disk_percent of its size applies; 0 turns the check off. Part of it "
+        "(at most an eighth of max_disk_mb, 64 MB) is held in a reserve file next to the "
+        "outbox (<path>-reserve), given back should a write find the disk full anyway (so "
+        "the outbox can still mark deliveries done and shrink) and taken again once there "
+        "is room.",
     )
     min_free_disk_percent: float = Field(
         5.0, ge=0, le=50,
