@@ -137,6 +137,8 @@ class Samples:
     rss_mb: list[tuple[float, float]] = field(default_factory=list)
     disk_mb: list[tuple[float, float]] = field(default_factory=list)
     paused_seen: bool = False
+    pause_causes: set[str] = field(default_factory=set)  # every cause the status named
+    min_free_mb: float = float("inf")  # lowest free space seen on the outbox's filesystem
 
 
 class Rig:
@@ -359,9 +361,15 @@ class Rig:
         mb = size / 2**20
         self.samples.disk_mb.append((now, mb))
         self.samples.max_disk_mb = max(self.samples.max_disk_mb, mb)
+        try:
+            free = shutil.disk_usage(self.outbox_dir).free / 2**20
+            self.samples.min_free_mb = min(self.samples.min_free_mb, free)
+        except OSError:
+            pass
         st = self.agent.status()
         if st and st.get("ingest_paused"):
             self.samples.paused_seen = True
+            self.samples.pause_causes.update(st.get("ingest_pause") or {})
 
     # --- the end ---------------------------------------------------------------------------
 

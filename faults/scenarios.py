@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import tempfile
 import time
@@ -356,17 +355,21 @@ def body_disk_full(rig: Rig, size: Size, res: Result) -> None:
     t = time.time()
     rig.wms.control(mode="refuse")
     deadline = time.monotonic() + size.outage_secs
-    while time.monotonic() < deadline:
-        st = shutil.disk_usage(rig.outbox_dir)
-        if st.free < 256 * 1024:
-            break
+    disk = {"disk_low", "disk_full"}
+    while time.monotonic() < deadline and not rig.samples.pause_causes & disk:
         time.sleep(0.25)
-    else:
-        res.misses.append(f"the small filesystem did not fill within {size.outage_secs:.0f} s")
-    hold(5.0)  # full for a while, the line still running
+    if not rig.samples.pause_causes & disk:
+        res.misses.append(f"the agent never paused ingest for the disk within "
+                          f"{size.outage_secs:.0f} s (causes seen: {sorted(rig.samples.pause_causes)})")
+    hold(5.0)  # paused for a while, the line still running
     rig.wms.control(mode="ok")
-    rig.window(t, time.time(), "wms refused until the disk was full", {"wms"})
+    rig.window(t, time.time(), "wms refused until ingest paused for the disk", {"wms"})
     hold(size.secs)
+    res.notes.append(f"ingest paused for {sorted(rig.samples.pause_causes)}; lowest free space "
+                     f"{rig.samples.min_free_mb:.2f} MB; disk sizes include <outbox>-reserve")
+    if rig.samples.min_free_mb < 0.25:
+        res.misses.append(f"the filesystem ran full ({rig.samples.min_free_mb:.2f} MB free): the "
+                          "free-space floor did not hold")
 
 
 def body_clock(rig: Rig, size: Size, res: Result) -> None:
