@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -414,6 +416,127 @@ def teardown_disk_full(extra: dict[str, Any]) -> None:
             pass
 
 
+# --- power cut on a block device --------------------------------------------------------------
+
+BLOCK_IMAGE_MB = 256
+
+
+def _sh(*cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(cmd), capture_output=True, text=True)
+    if r.returncode not in ok:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[-500:]}")
+    return r
+
+
+def _umount(mnt: Path) -> None:
+    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def setup_power_cut_block(workdir: Path) -> dict[str, Any]:
+    """The outbox on ext4 (data=ordered, the default) on a loop device over a 256 MB file."""
+    if os.geteuid() != 0:
+        raise Skip("needs root to attach a loop device and mount an ext4 filesystem")
+    missing = [t for t in ("losetup", "mkfs.ext4", "e2fsck", "dd", "mount", "umount")
+               if shutil.which(t) is None]
+    if missing:
+        raise Skip(f"missing tools: {', '.join(missing)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"images": [], "loops": [], "fsck": [], "mnt": None}
+    img = workdir / "powercut-0.img"
+    with open(img, "wb") as f:
+        f.truncate(BLOCK_IMAGE_MB * 2**20)
+    state["images"].append(img)
+    r = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
+    if r.returncode != 0:
+        img.unlink()
+        raise Skip(f"cannot attach a loop device: {r.stderr.strip()}")
+    loop = r.stdout.strip()
+    state["loops"].append(loop)
+    state["loop"] = loop
+    try:
+        _sh("mkfs.ext4", "-q", "-F", loop)
+        mnt = Path(tempfile.mkdtemp(prefix="faults-pcb-"))
+        state["mnt"] = mnt
+        _sh("mount", "-t", "ext4", loop, str(mnt))
+    except Exception as exc:
+        teardown_power_cut_block({"_block": state})
+        raise Skip(f"cannot make and mount an ext4 filesystem on {loop}: {exc}") from exc
+    return {"outbox_dir": mnt, "_block": state}
+
+
+def teardown_power_cut_block(extra: dict[str, Any]) -> None:
+    state = extra.get("_block")
+    if state is None:
+        return
+    mnt = state.get("mnt")
+    if mnt is not None:
+        _umount(mnt)
+    for loop in state["loops"]:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    if mnt is not None:
+        try:
+            mnt.rmdir()
+        except OSError:
+            pass
+    for img in state["images"]:
+        Path(img).unlink(missing_ok=True)
+
+
+def block_power_cut(rig: Rig, state: dict[str, Any], n: int,
+                    ready_timeout_secs: float = 90) -> float:
+    """One power cut: SIGSTOP the agent, copy the block device with O_DIRECT (no sync: only
+    what reached the device), kill -9, unmount and detach, e2fsck the copy, mount the copy at
+    the same place and start the agent on it. Returns seconds until the agent was ready."""
+    mnt: Path = state["mnt"]
+    old_loop: str = state["loop"]
+    old_img: Path = state["images"][-1]
+    img = rig.workdir / f"powercut-{n}.img"
+    with rig._lock:
+        rig._expect_down = True
+        t = time.time()
+        assert rig.agent.proc is not None
+        os.kill(rig.agent.pid, signal.SIGSTOP)
+        state["images"].append(img)
+        _sh("dd", f"if={old_loop}", f"of={img}", "bs=1M", "iflag=direct", "status=none")
+        rig.agent.kill9()
+        rig.kills += 1
+        rig.window(t, t, "power cut (block device)")
+        _umount(mnt)
+        _sh("losetup", "-d", old_loop)
+        state["loops"].remove(old_loop)
+        old_img.unlink(missing_ok=True)
+        state["images"].remove(old_img)
+        fsck = subprocess.run(["e2fsck", "-fy", str(img)], capture_output=True, text=True)
+        state["fsck"].append(fsck.returncode)
+        if fsck.returncode not in (0, 1):
+            raise RuntimeError(f"e2fsck -fy on the power-cut image exited with "
+                               f"{fsck.returncode}: {fsck.stdout[-800:]}")
+        loop = _sh("losetup", "--find", "--show", str(img)).stdout.strip()
+        state["loops"].append(loop)
+        state["loop"] = loop
+        _sh("mount", "-t", "ext4", loop, str(mnt))
+        rig.agent.start()
+        rig._expect_down = False
+    rig.agent.wait_ready(ready_timeout_secs, covered=False)
+    return time.time() - t
+
+
+def body_power_cut_block(rig: Rig, size: Size, res: Result) -> None:
+    state = rig.extra["_block"]
+    rnd = random.Random(6)
+    hold(2.0)
+    ready = []
+    for i in range(size.kills):
+        ready.append(block_power_cut(rig, state, i + 1))
+        hold(rnd.uniform(1.0, 3.0))
+    res.notes.append(
+        f"ext4 (data=ordered) on a {BLOCK_IMAGE_MB} MB loop device; each cut: SIGSTOP, "
+        f"dd iflag=direct of the device (no sync), kill -9, e2fsck -fy of the copy (exit codes "
+        f"{state['fsck']}), restart on the copy; ready after restart: max {max(ready):.1f} s")
+
+
 def until(pred: Callable[[], Any], timeout_secs: float, every: float = 0.1) -> Any:
     """Poll ``pred`` until it gives something true (returned) or the time is up (None)."""
     deadline = time.monotonic() + timeout_secs
@@ -692,6 +815,11 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("power_cut", "power-cut approximation (freeze, copy, kill -9, restore)",
                  Size(rate=300, secs=0, kills=6), Size(rate=100, secs=0, kills=2),
                  body_power_cut),
+        Scenario("power_cut_block",
+                 "power cut on a block device (freeze, O_DIRECT copy, kill -9, fsck, restart)",
+                 Size(rate=300, secs=0, kills=6), Size(rate=100, secs=0, kills=2),
+                 body_power_cut_block, setup=setup_power_cut_block,
+                 teardown=teardown_power_cut_block),
         Scenario("opcua_cert", "an OPC UA server refusing our certificate, then trusting it",
                  Size(rate=300, secs=60), Size(rate=100, secs=8), body_opcua_cert,
                  setup=setup_opcua_cert, teardown=teardown_sims),
