@@ -443,7 +443,8 @@ def setup_power_cut_block(workdir: Path) -> dict[str, Any]:
     if missing:
         raise Skip(f"missing tools: {', '.join(missing)}")
     workdir.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {"images": [], "loops": [], "fsck": [], "mnt": None}
+    state: dict[str, Any] = {"images": [], "loops": [], "fsck": [], "mnt": None,
+                             "journal_replays": 0, "behind": []}
     img = workdir / "powercut-0.img"
     with open(img, "wb") as f:
         f.truncate(BLOCK_IMAGE_MB * 2**20)
@@ -484,6 +485,11 @@ def teardown_power_cut_block(extra: dict[str, Any]) -> None:
         Path(img).unlink(missing_ok=True)
 
 
+def _outbox_bytes(rig: Rig) -> int:
+    return sum(p.stat().st_size for p in rig.outbox_dir.iterdir()
+               if p.name.startswith(rig.db.name))
+
+
 def block_power_cut(rig: Rig, state: dict[str, Any], n: int,
                     ready_timeout_secs: float = 90) -> float:
     """One power cut: SIGSTOP the agent, copy the block device with O_DIRECT (no sync: only
@@ -498,6 +504,7 @@ def block_power_cut(rig: Rig, state: dict[str, Any], n: int,
         t = time.time()
         assert rig.agent.proc is not None
         os.kill(rig.agent.pid, signal.SIGSTOP)
+        cached = _outbox_bytes(rig)  # as the page cache holds them
         state["images"].append(img)
         _sh("dd", f"if={old_loop}", f"of={img}", "bs=1M", "iflag=direct", "status=none")
         rig.agent.kill9()
@@ -510,6 +517,7 @@ def block_power_cut(rig: Rig, state: dict[str, Any], n: int,
         state["images"].remove(old_img)
         fsck = subprocess.run(["e2fsck", "-fy", str(img)], capture_output=True, text=True)
         state["fsck"].append(fsck.returncode)
+        state["journal_replays"] += "recovering journal" in fsck.stdout
         if fsck.returncode not in (0, 1):
             raise RuntimeError(f"e2fsck -fy on the power-cut image exited with "
                                f"{fsck.returncode}: {fsck.stdout[-800:]}")
@@ -517,6 +525,7 @@ def block_power_cut(rig: Rig, state: dict[str, Any], n: int,
         state["loops"].append(loop)
         state["loop"] = loop
         _sh("mount", "-t", "ext4", loop, str(mnt))
+        state["behind"].append(cached - _outbox_bytes(rig))  # what never reached the device
         rig.agent.start()
         rig._expect_down = False
     rig.agent.wait_ready(ready_timeout_secs, covered=False)
@@ -534,7 +543,9 @@ def body_power_cut_block(rig: Rig, size: Size, res: Result) -> None:
     res.notes.append(
         f"ext4 (data=ordered) on a {BLOCK_IMAGE_MB} MB loop device; each cut: SIGSTOP, "
         f"dd iflag=direct of the device (no sync), kill -9, e2fsck -fy of the copy (exit codes "
-        f"{state['fsck']}), restart on the copy; ready after restart: max {max(ready):.1f} s")
+        f"{state['fsck']}, journal recovered {state['journal_replays']} of {size.kills}), "
+        f"restart on the copy; outbox file sizes, page cache minus device, at each "
+        f"cut (bytes): {state['behind']}; ready after restart: max {max(ready):.1f} s")
 
 
 def until(pred: Callable[[], Any], timeout_secs: float, every: float = 0.1) -> Any:
