@@ -292,8 +292,7 @@ class Agent:
         step = functools.partial(_step, problems)
         log.info("stopping: connectors first")
         for c in self.connectors:
-            if isinstance(c, MqttConnector) and c.link is not None:
-                c.link.pause_reading()
+            c.pause_reading()  # every kind: MQTT stops reading, Modbus polling, OPC UA publishing
         # Commit and acknowledge what was read, while the links are still up.
         if not commit_task.done():
             await step("last commit", self.committer.flush())
