@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import sqlite3
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -104,22 +101,9 @@ async def test_disk_full_pauses_ingest_retries_the_same_batch_and_resumes(tmp_pa
     s.close()
 
 
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       capture_output=True, timeout=10)
-    return r.returncode == 0
-
-
 @pytest.fixture
-def small_fs(tmp_path):
-    where = tmp_path / "small"
-    if not _mount_tmpfs(where, "2m"):
-        pytest.skip("mounting a small tmpfs needs root (and mount permission in this sandbox)")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
+def small_fs(small_tmpfs):
+    return small_tmpfs("2m")
 
 
 async def test_a_real_full_filesystem_pauses_and_resumes_without_loss(small_fs):

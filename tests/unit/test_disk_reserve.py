@@ -14,10 +14,8 @@ and ingest resume by itself. Two guards, each tested here:
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -167,22 +165,9 @@ def test_the_reserve_file_is_released_when_a_write_finds_the_disk_full(tmp_path)
 
 # --- a real small filesystem (root) --------------------------------------------------------
 
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       capture_output=True, timeout=10)
-    return r.returncode == 0
-
-
 @pytest.fixture
-def small_fs(tmp_path):
-    where = tmp_path / "small"
-    if not _mount_tmpfs(where, "8m"):
-        pytest.skip("mounting a small tmpfs needs root (and mount permission in this sandbox)")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
+def small_fs(small_tmpfs):
+    return small_tmpfs("8m")
 
 
 SITE = """
