@@ -387,8 +387,10 @@ async def test_an_ingest_pause_holds_across_a_reconnect(broker):
             assert conn.link is link
 
             conn.resume_reading()
-            assert await until(lambda: len(ing.seqs) >= 7)
-            assert ing.seqs == [1, 2, 3, 4, 5, 6, 7]
+            # 1 and 2 may come again: their acks can be lost with the connection (QoS 1 is at
+            # least once; the engine drops repeats by id). Nothing is missing or out of order.
+            assert await until(lambda: set(ing.seqs) >= {1, 2, 3, 4, 5, 6, 7})
+            assert list(dict.fromkeys(ing.seqs)) == [1, 2, 3, 4, 5, 6, 7]
             assert await until(lambda: conn.health.state == "online")
             assert not task.done()
         finally:
