@@ -1,4 +1,5 @@
-"""Unit-test fixtures: a real small filesystem for the outbox's disk-full tests."""
+"""Unit-test fixtures: a real small filesystem for the outbox's disk-full tests, and the
+smallest site an ``Agent`` can be built from for them."""
 
 from __future__ import annotations
 
@@ -32,3 +33,40 @@ def small_tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
+
+
+# One Modbus conveyor (never reached: port 1), one map rule, HTTP sinks that are never
+# called: enough to build an Agent whose outbox the disk tests drive.
+OUTBOX_SITE = """
+site: outbox-unit
+profiles_dir: {profiles}
+devices:
+  CONV3:
+    profile: acme_conveyor_section
+    connection: {{kind: modbus, host: 127.0.0.1, port: 1, timeout_ms: 500}}
+rules:
+  - name: conveyor-faults
+    kind: map
+    inputs:
+      jam: {{device: CONV3, event: jam}}
+    emit:
+      type: equipment_fault
+      subject: CONV3
+      data: {{equipment: CONV3, reason: "${{jam.fault_code}}"}}
+sinks:
+  wms:
+    kind: http
+    url: http://127.0.0.1:1/events
+  erp:
+    kind: http
+    url: http://127.0.0.1:1/erp
+outbox:
+  path: {db}
+{extra}"""
+
+
+def outbox_site(db: Path, extra: str = "") -> str:
+    """The text of that site, its outbox at ``db``; ``extra``: more ``outbox:`` lines."""
+    from simulators.procs import PROFILES
+
+    return OUTBOX_SITE.format(profiles=PROFILES, db=db, extra=extra)

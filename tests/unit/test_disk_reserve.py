@@ -25,6 +25,7 @@ from edge_agent.events import BusinessEvent, envelope
 from edge_agent.outbox.batch import Batch, Settle
 from edge_agent.outbox.committer import Committer
 from edge_agent.outbox.store import DELIVERED, Store
+from tests.unit.conftest import outbox_site
 
 ROUTES = {"carton_closed": ["wms", "bus"]}
 MB = 2**20
@@ -169,42 +170,12 @@ def test_the_reserve_file_is_released_when_a_write_finds_the_disk_full(tmp_path)
 def small_fs(small_tmpfs):
     return small_tmpfs("8m")
 
-
-SITE = """
-site: disk-unit
-profiles_dir: {profiles}
-devices:
-  CONV3:
-    profile: acme_conveyor_section
-    connection: {{kind: modbus, host: 127.0.0.1, port: 1, timeout_ms: 500}}
-rules:
-  - name: conveyor-faults
-    kind: map
-    inputs:
-      jam: {{device: CONV3, event: jam}}
-    emit:
-      type: equipment_fault
-      subject: CONV3
-      data: {{equipment: CONV3, reason: "${{jam.fault_code}}"}}
-sinks:
-  wms:
-    kind: http
-    url: http://127.0.0.1:1/events
-  erp:
-    kind: http
-    url: http://127.0.0.1:1/erp
-outbox:
-  path: {db}
-{extra}"""
-
-
 def _agent(tmp_path: Path, db: Path, extra: str = ""):
     from edge_agent.agent import Agent
     from edge_agent.config import load_site
-    from simulators.procs import PROFILES
 
     f = tmp_path / "site.yaml"
-    f.write_text(SITE.format(profiles=PROFILES, db=db, extra=extra))
+    f.write_text(outbox_site(db, extra))
     site, profiles = load_site(f)
     agent = Agent(site, profiles, base_dir=tmp_path)
     agent._build()

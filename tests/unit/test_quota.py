@@ -8,6 +8,7 @@ from edge_agent.events import BusinessEvent, envelope
 from edge_agent.outbox.batch import Batch, Settle
 from edge_agent.outbox.committer import Committer
 from edge_agent.outbox.store import DELIVERED, Store
+from tests.unit.conftest import outbox_site
 
 ROUTES = {"carton_closed": ["wms"]}
 MB = 2**20
@@ -102,40 +103,12 @@ async def test_the_quota_is_checked_at_every_commit_and_ingest_resumes_once_prun
     c.shutdown_executor()
     s.close()
 
-
-SITE = """
-site: quota-unit
-profiles_dir: {profiles}
-devices:
-  CONV3:
-    profile: acme_conveyor_section
-    connection: {{kind: modbus, host: 127.0.0.1, port: 1, timeout_ms: 500}}
-rules:
-  - name: conveyor-faults
-    kind: map
-    inputs:
-      jam: {{device: CONV3, event: jam}}
-    emit:
-      type: equipment_fault
-      subject: CONV3
-      data: {{equipment: CONV3, reason: "${{jam.fault_code}}"}}
-sinks:
-  wms:
-    kind: http
-    url: http://127.0.0.1:1/events
-outbox:
-  path: {db}
-  max_disk_mb: 16
-"""
-
-
 async def test_the_agent_pauses_every_connector_while_any_cause_holds_and_status_says_why(tmp_path):
     from edge_agent.agent import Agent
     from edge_agent.config import load_site
-    from simulators.procs import PROFILES
 
     f = tmp_path / "site.yaml"
-    f.write_text(SITE.format(profiles=PROFILES, db=tmp_path / "o.db"))
+    f.write_text(outbox_site(tmp_path / "o.db", "  max_disk_mb: 16\n"))
     site, profiles = load_site(f)
     agent = Agent(site, profiles, base_dir=tmp_path)
     agent._build()
